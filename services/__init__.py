@@ -1,0 +1,1 @@
+"""Damselfly's services, one package each, plus the ``damselfly`` command line (``services.cli``)."""

@@ -1,0 +1,1 @@
+"""cache-store: a node's piece store and upload server; the node's identity as a peer."""

@@ -1,0 +1,1 @@
+"""chunk-fuse agent: a node's lazy FUSE mounts of converted images."""

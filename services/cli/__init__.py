@@ -1,0 +1,1 @@
+"""The `damselfly` command line and the local-cluster supervisor."""

@@ -1,0 +1,99 @@
+"""The ``damselfly`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from services.cli.cluster import LocalCluster, plan_cluster
+from shared.config import default_workdir
+from shared.errors import DamselflyError
+from shared.schemas.export import export_schemas
+
+app = typer.Typer(
+    name="damselfly",
+    help="P2P image distribution and lazy-loading container images, on NATS JetStream.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+schemas_app = typer.Typer(help="The bus's event schemas.", no_args_is_help=True)
+app.add_typer(schemas_app, name="schemas")
+
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  damselfly up --peers 2 --state-file s.json\n\n"
+        "  damselfly up --origin http://127.0.0.1:5000 --workdir /tmp/df\n\n"
+        "  damselfly up --nats nats://nats.example:4222 --database postgresql+psycopg://u@db/damselfly"
+    )
+)
+def up(
+    peers: Annotated[int, typer.Option(min=0, max=64, help="Peer nodes to run (proxy + cache-store + agent).")] = 1,
+    origin: Annotated[
+        str, typer.Option(help="Default upstream registry (registryMirror.url); added to the allow-list.")
+    ] = "https://index.docker.io",
+    workdir: Annotated[
+        Path | None, typer.Option(help="Directory for all state (default: the user's data dir).")
+    ] = None,
+    nats: Annotated[str | None, typer.Option(help="Use this NATS server instead of an embedded one.")] = None,
+    database: Annotated[
+        str | None, typer.Option(help="Scheduler database URL (default: SQLite in the workdir).")
+    ] = None,
+    state_file: Annotated[
+        Path | None, typer.Option(help="Write the endpoints here as JSON once every service is ready.")
+    ] = None,
+    scheduler_port: Annotated[int | None, typer.Option(help="Scheduler port (default: a free one).")] = None,
+    seed_port: Annotated[int | None, typer.Option(help="Seed-fetcher port (default: a free one).")] = None,
+    peer_port_base: Annotated[
+        int | None, typer.Option(help="Peer i uses BASE+3i (proxy), +1 (upload), +2 (agent); default free ports.")
+    ] = None,
+) -> None:
+    """Start a whole local cluster: NATS, scheduler, seed-fetcher and N peers, until Ctrl-C."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    plan = plan_cluster(
+        workdir or default_workdir() / "cluster",
+        peers=peers,
+        origin=origin,
+        nats_url=nats,
+        database_url=database,
+        scheduler_port=scheduler_port,
+        seed_port=seed_port,
+        peer_port_base=peer_port_base,
+    )
+    cluster = LocalCluster(plan, state_file=state_file.resolve() if state_file else None)
+    try:
+        asyncio.run(cluster.run())
+    except DamselflyError as exc:
+        raise _fail(exc.message) from exc
+
+
+@schemas_app.command(
+    "export", epilog="Examples:\n\n  damselfly schemas export shared/schemas/json\n\n  damselfly schemas export /tmp/s"
+)
+def schemas_export(directory: Annotated[Path, typer.Argument(help="Directory to write the JSON Schema files to.")]) -> None:
+    """Write every event's JSON Schema file into DIRECTORY."""
+    for path in export_schemas(directory):
+        typer.echo(str(path))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

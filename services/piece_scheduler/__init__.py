@@ -1,0 +1,1 @@
+"""piece-scheduler: knows which peer holds which piece, and tells peers whom to fetch from."""

@@ -1,0 +1,72 @@
+"""The registry-proxy's configuration, shaped like Dragonfly's dfdaemon ``proxy`` block."""
+
+from __future__ import annotations
+
+import re
+from typing import ClassVar
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator
+
+from shared.config import ServiceConfig, StrictModel
+
+
+class RegistryMirror(StrictModel):
+    """The default upstream (Dragonfly's ``registryMirror``)."""
+
+    url: str = Field("https://index.docker.io", description="Origin used when a request names none.")
+    dynamic: bool = Field(True, description="Honour the X-Dragonfly-Registry header and containerd's ?ns=.")
+    insecure: bool = Field(False, description="Skip TLS verification towards the origin.")
+
+    @field_validator("url")
+    @classmethod
+    def _is_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class ProxyRule(StrictModel):
+    """A URL pattern that goes through P2P (Dragonfly's ``proxies`` entries)."""
+
+    regx: str
+    direct: bool = Field(False, description="Matching requests go straight to the origin, not P2P.")
+
+    @field_validator("regx")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from exc
+        return value
+
+
+class RegistryProxyConfig(ServiceConfig):
+    """Settings of a node's registry-proxy (``DAMSELFLY_*`` variables override the YAML file)."""
+
+    service: ClassVar[str] = "registry_proxy"
+    default_port: ClassVar[int] = 65001
+
+    registry_mirror: RegistryMirror = Field(default_factory=lambda: RegistryMirror.model_validate({}))
+    allowed_registries: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) that may be reached; the mirror URL is always allowed.",
+    )
+    proxies: list[ProxyRule] = Field(default_factory=lambda: [ProxyRule(regx="blobs/sha256.*")])
+    default_filter: str = Field("Expires&Signature&ns", description="Query parameters left out of task ids.")
+    prefetch: bool = Field(True, description="After a Range request, fetch the rest of the blob in the background.")
+    cache_store_url: str | None = Field(None, description="This node's cache-store.")
+
+    @property
+    def allowed_origins(self) -> set[str]:
+        """Every origin this proxy may reach (normalised scheme://host:port, lower case)."""
+        return {normalise_origin(url) for url in [self.registry_mirror.url, *self.allowed_registries]}
+
+
+def normalise_origin(url: str) -> str:
+    """``scheme://host:port`` of ``url`` in lower case, the port made explicit."""
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
