@@ -282,7 +282,7 @@ class Bus:
             inject_trace_headers(headers)
             try:
                 ack = await self.js.publish(subject, event.to_bytes(), headers=headers)
-            except _CONNECTION_ERRORS as exc:
+            except (*_CONNECTION_ERRORS, nats.js.errors.NoStreamResponseError) as exc:
                 if self.metrics:
                     self.metrics.publish_errors.labels(subject=event.subject_base).inc()
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -454,6 +454,8 @@ class Bus:
                         )
 
         self._subscriptions.append(await self.nc.subscribe(subject, queue=queue, cb=on_request))
+        # Make sure the server has the subscription before anyone is told this service is ready.
+        await self.nc.flush()
 
 
 def _error_from_reply(code: str, body: bytes) -> DamselflyError:

@@ -31,8 +31,9 @@ def nats_server_binary() -> Path:
 class NatsServer:
     """One nats-server process with JetStream, its store in ``store_dir``."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 log_file: Path | None = None) -> None:
+    def __init__(
+        self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None
+    ) -> None:
         self.store_dir = store_dir
         self.host = host
         self.port = port or free_port(host)
@@ -49,10 +50,14 @@ class NatsServer:
         return [
             str(nats_server_binary()),
             "--jetstream",
-            "--store_dir", str(self.store_dir),
-            "--addr", self.host,
-            "--port", str(self.port),
-            "--server_name", f"damselfly-{self.port}",
+            "--store_dir",
+            str(self.store_dir),
+            "--addr",
+            self.host,
+            "--port",
+            str(self.port),
+            "--server_name",
+            f"damselfly-{self.port}",
         ]
 
     def start(self, timeout: float = 10.0) -> NatsServer:
@@ -60,7 +65,10 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
         log.close()

@@ -61,7 +61,11 @@ def run_service(
             timeout_graceful_shutdown=5,
         )
     )
-    asyncio.run(server.serve())
+    try:
+        asyncio.run(server.serve())
+    except SystemExit:
+        # uvicorn exits the process itself when the lifespan fails; the runner reports why, once.
+        pass
     error = getattr(app.state, "startup_error", None)
     if error is not None:
         print(f"{program}: {error.message}", file=sys.stderr)

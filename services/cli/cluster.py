@@ -293,8 +293,13 @@ class LocalCluster:
             if not await asyncio.to_thread(wait_for_port, embedded.host, embedded.port, 15.0):
                 raise DependencyUnavailable(f"embedded NATS did not start; see {logs / 'nats.log'}")
         for spec in self.plan.children:
-            command = [sys.executable, "-m", str(spec.module), "--config",
-                       str(self.plan.workdir / "configs" / f"{spec.name}.yaml")]
+            command = [
+                sys.executable,
+                "-m",
+                str(spec.module),
+                "--config",
+                str(self.plan.workdir / "configs" / f"{spec.name}.yaml"),
+            ]
             child = SupervisedProcess(spec, command, logs / f"{spec.name}.log", env)
             await child.start()
             self.children.append(child)

@@ -84,7 +84,9 @@ def up(
 @schemas_app.command(
     "export", epilog="Examples:\n\n  damselfly schemas export shared/schemas/json\n\n  damselfly schemas export /tmp/s"
 )
-def schemas_export(directory: Annotated[Path, typer.Argument(help="Directory to write the JSON Schema files to.")]) -> None:
+def schemas_export(
+    directory: Annotated[Path, typer.Argument(help="Directory to write the JSON Schema files to.")],
+) -> None:
     """Write every event's JSON Schema file into DIRECTORY."""
     for path in export_schemas(directory):
         typer.echo(str(path))

@@ -115,9 +115,7 @@ def test_basic_auth_registry(registry_factory: RegistryFactory, small_image: Oci
     assert statuses == {200, 401}
 
 
-def test_small_image_round_trip(
-    small_image_in_registry: PushedImage, small_image: OciImage, tmp_path: Path
-) -> None:
+def test_small_image_round_trip(small_image_in_registry: PushedImage, small_image: OciImage, tmp_path: Path) -> None:
     pushed = small_image_in_registry
     reg = pushed.registry
     assert pushed.manifest.digest == read_layout_manifest(small_image).digest

@@ -150,13 +150,10 @@ def read_layout_config(image: OciImage) -> dict[str, object]:
 
 def _run(cmd: Sequence[str], *, timeout: float = 120.0, cwd: Path | None = None) -> str:
     """Run a tool; on failure raise with its stderr so the test report says why."""
-    proc = subprocess.run(
-        list(cmd), capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL
-    )
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=cwd, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"{' '.join(cmd)} exited {proc.returncode}\n"
-            f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
         )
     return proc.stdout
 
@@ -270,9 +267,7 @@ def push_oci_layout(
     extra = ["--dest-tls-verify=false"]
     if creds is not None:
         extra += ["--dest-creds", f"{creds[0]}:{creds[1]}"]
-    return _skopeo_copy(
-        f"oci:{layout_dir}:{tag}", f"docker://{registry_host}/{name}:{dest_tag}", extra, timeout
-    )
+    return _skopeo_copy(f"oci:{layout_dir}:{tag}", f"docker://{registry_host}/{name}:{dest_tag}", extra, timeout)
 
 
 def pull_to_oci_layout(

@@ -47,9 +47,7 @@ _COMBINED_RE = re.compile(
     r'"(?P<request>(?:[^"\\]|\\.)*)" (?P<status>\d{3}) (?P<bytes>\d+|-)'
     r'(?: "(?P<referer>(?:[^"\\]|\\.)*)" "(?P<agent>(?:[^"\\]|\\.)*)")?\s*$'
 )
-_BLOB_PATH_RE = re.compile(
-    r"^/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+)$"
-)
+_BLOB_PATH_RE = re.compile(r"^/v2/(?P<name>.+)/blobs/(?P<digest>[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+)$")
 _UNESCAPE_RE = re.compile(r"\\(.)")
 
 
@@ -255,9 +253,7 @@ class RegistryServer:
                 raise RegistryStartError("exited")
             try:
                 # Tagged like a barrier so the probe stays out of access_log().
-                probe = urllib.request.Request(
-                    self.url + "/v2/", headers={"User-Agent": _SYNC_AGENT + "ready"}
-                )
+                probe = urllib.request.Request(self.url + "/v2/", headers={"User-Agent": _SYNC_AGENT + "ready"})
                 with urllib.request.urlopen(probe, timeout=1.0):
                     return
             except urllib.error.HTTPError:
