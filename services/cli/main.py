@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from services.cli.cluster import LocalCluster, plan_cluster
+from services.cli.demo import DEFAULT_IMAGE_LAYOUT, DemoSettings, run_demo
 from shared.config import default_workdir
 from shared.errors import DamselflyError
 from shared.schemas.export import export_schemas
@@ -79,6 +80,36 @@ def up(
         asyncio.run(cluster.run())
     except DamselflyError as exc:
         raise _fail(exc.message) from exc
+
+
+@app.command(
+    epilog="Examples:\n\n  damselfly demo\n\n  damselfly demo --peers 3 --keep-running --workdir /tmp/demo"
+)
+def demo(
+    peers: Annotated[int, typer.Option(min=1, max=16, help="Peer nodes in the cluster.")] = 2,
+    workdir: Annotated[Path | None, typer.Option(help="Directory for the demo (emptied first).")] = None,
+    image_layout: Annotated[Path, typer.Option(help="OCI layout of the image to serve.")] = DEFAULT_IMAGE_LAYOUT,
+    image_tag: Annotated[str, typer.Option(help="Tag of the image in the layout.")] = "python",
+    keep_running: Annotated[bool, typer.Option(help="Keep the cluster up until Ctrl-C.")] = False,
+) -> None:
+    """Run the main job on embedded defaults: a real origin with the python image and a local cluster."""
+    if not (image_layout / "index.json").exists():
+        raise _fail(f"no OCI layout at {image_layout} (see ../shared/images/README.md, or pass --image-layout)")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    console = Console()
+    settings = DemoSettings(
+        workdir=(workdir or default_workdir() / "demo").resolve(),
+        peers=peers,
+        image_layout=image_layout.resolve(),
+        image_tag=image_tag,
+        keep_running=keep_running,
+    )
+    try:
+        asyncio.run(run_demo(settings, console))
+    except DamselflyError as exc:
+        raise _fail(exc.message) from exc
+    except KeyboardInterrupt:
+        console.print("stopped")
 
 
 @schemas_app.command(
