@@ -297,6 +297,7 @@ class AssignmentRequest(Event):
     peer_id: PeerId
     url: str
     digest: Sha256Digest | None = None
+    content_length: NonNegative | None = Field(None, description="When the requester knows it (manifest).")
     pieces_wanted: list[NonNegative] | None = Field(None, description="None: every piece the peer lacks.")
     authorization: str | None = None
 
