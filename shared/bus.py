@@ -362,7 +362,11 @@ class Bus:
             try:
                 event_type = event_type_for(headers.get(EVENT_HEADER), message.subject)
                 event = event_type.from_bytes(message.data)
-                await handler(event, delivery)
+                keepalive = asyncio.create_task(self._keep_in_progress(message, spec.ack_wait_seconds))
+                try:
+                    await handler(event, delivery)
+                finally:
+                    keepalive.cancel()
                 disposition = BusDisposition.ACK
             except asyncio.CancelledError:
                 # Shutting down mid-message: let it be redelivered to whoever runs next.
@@ -383,6 +387,17 @@ class Bus:
         if self.metrics:
             self.metrics.delivered.labels(consumer=label, outcome=disposition.value).inc()
             self.metrics.handler_seconds.labels(consumer=label).observe(time.perf_counter() - started)
+
+    @staticmethod
+    async def _keep_in_progress(message: Msg, ack_wait: float) -> None:
+        """Tell the server a long handler is still working, so it does not redeliver meanwhile.
+
+        If this process dies the reminders stop, and the message is redelivered after ``ack_wait``.
+        """
+        while True:
+            await asyncio.sleep(max(ack_wait / 3, 0.1))
+            with contextlib.suppress(*_CONNECTION_ERRORS):
+                await message.in_progress()
 
     async def _settle(self, spec: ConsumerSpec, message: Msg, disposition: BusDisposition, delivered: int) -> None:
         try:

@@ -133,6 +133,13 @@ class DigestMismatch(DamselflyError):
         self.actual = actual
 
 
+class BlobDigestMismatch(DigestMismatch):
+    """A whole blob from the origin does not match its digest: fetching it again will not help."""
+
+    code = "blob_digest_mismatch"
+    bus_disposition = BusDisposition.TERM
+
+
 class InvalidStateTransition(DamselflyError):
     """An event is not allowed in the current state of a state machine."""
 

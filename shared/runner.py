@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -61,11 +62,9 @@ def run_service(
             timeout_graceful_shutdown=5,
         )
     )
-    try:
+    # uvicorn exits the process itself when the lifespan fails; the runner reports why, once.
+    with contextlib.suppress(SystemExit):
         asyncio.run(server.serve())
-    except SystemExit:
-        # uvicorn exits the process itself when the lifespan fails; the runner reports why, once.
-        pass
     error = getattr(app.state, "startup_error", None)
     if error is not None:
         print(f"{program}: {error.message}", file=sys.stderr)

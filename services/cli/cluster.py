@@ -62,6 +62,7 @@ class ClusterPlan:
     embedded_nats: NatsServer | None
     scheduler_url: str
     seed_fetcher_url: str
+    seed_upload_url: str
     peers: list[PeerEndpoints]
     children: list[ChildSpec]
 
@@ -71,10 +72,17 @@ class ClusterPlan:
             "nats": self.nats_url,
             "scheduler": self.scheduler_url,
             "seed_fetcher": self.seed_fetcher_url,
+            "seed_upload": self.seed_upload_url,
             "peers": [vars(peer) for peer in self.peers],
             "workdir": str(self.workdir),
             "pid": os.getpid(),
         }
+
+
+def _node_store(node_dir: Path) -> dict[str, str]:
+    """The piece store every process of one node shares (one copy of each piece on the node's disk)."""
+    pieces = node_dir / "pieces"
+    return {"storage_dir": str(pieces), "database_url": f"sqlite:///{pieces / 'store.db'}"}
 
 
 def _port(configured: int | None) -> int:
@@ -115,15 +123,37 @@ def plan_cluster(
 
     seed_port = _port(seed_port)
     seed_url = f"http://{host}:{seed_port}"
+    seed_dir = workdir / "seed-0"
+    seed_store = _node_store(seed_dir)
+    seed_upload_port = free_port()
+    seed_upload_url = f"http://{host}:{seed_upload_port}"
+    children.append(
+        ChildSpec(
+            "seed-cache-store",
+            "services.cache_store",
+            {
+                **common,
+                **seed_store,
+                "port": seed_upload_port,
+                "node_name": "seed-0",
+                "peer_id": "seed-0",
+                "is_seed": True,
+                "workdir": str(seed_dir),
+            },
+            ready_url=seed_upload_url,
+        )
+    )
     children.append(
         ChildSpec(
             "seed-fetcher",
             "services.seed_fetcher",
             {
                 **common,
+                **seed_store,
                 "port": seed_port,
                 "node_name": "seed-0",
-                "workdir": str(workdir / "seed-0"),
+                "seed_id": "seed-0",
+                "workdir": str(seed_dir),
                 "allowed_registries": [origin],
             },
             ready_url=seed_url,
@@ -142,11 +172,12 @@ def plan_cluster(
         upload_url = f"http://{host}:{upload_port}"
         agent_url = f"http://{host}:{agent_port}"
         node_common = {**common, "node_name": name, "workdir": str(node_dir)}
+        node_store = _node_store(node_dir)
         children.append(
             ChildSpec(
                 f"{name}-cache-store",
                 "services.cache_store",
-                {**node_common, "port": upload_port, "peer_id": name, "proxy_url": proxy_url},
+                {**node_common, **node_store, "port": upload_port, "peer_id": name, "proxy_url": proxy_url},
                 ready_url=upload_url,
             )
         )
@@ -156,6 +187,8 @@ def plan_cluster(
                 "services.registry_proxy",
                 {
                     **node_common,
+                    **node_store,
+                    "peer_id": name,
                     "port": proxy_port,
                     "registry_mirror": {"url": origin, "dynamic": True},
                     "allowed_registries": [origin],
@@ -180,6 +213,7 @@ def plan_cluster(
         embedded_nats=embedded,
         scheduler_url=scheduler_url,
         seed_fetcher_url=seed_url,
+        seed_upload_url=seed_upload_url,
         peers=endpoints,
         children=children,
     )

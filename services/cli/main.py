@@ -82,9 +82,7 @@ def up(
         raise _fail(exc.message) from exc
 
 
-@app.command(
-    epilog="Examples:\n\n  damselfly demo\n\n  damselfly demo --peers 3 --keep-running --workdir /tmp/demo"
-)
+@app.command(epilog="Examples:\n\n  damselfly demo\n\n  damselfly demo --peers 3 --keep-running --workdir /tmp/demo")
 def demo(
     peers: Annotated[int, typer.Option(min=1, max=16, help="Peer nodes in the cluster.")] = 2,
     workdir: Annotated[Path | None, typer.Option(help="Directory for the demo (emptied first).")] = None,
@@ -110,6 +108,41 @@ def demo(
         raise _fail(exc.message) from exc
     except KeyboardInterrupt:
         console.print("stopped")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n  damselfly get https://example.com/big.iso -O big.iso\n\n"
+        "  damselfly get http://127.0.0.1:5000/v2/library/python/blobs/sha256:... -O layer --output-json\n\n"
+        "  DAMSELFLY_NODE=http://10.0.0.5:65001 damselfly get URL -O FILE"
+    )
+)
+def get(
+    url: Annotated[str, typer.Argument(help="The http(s) URL; its origin must be on the allow-list.")],
+    output: Annotated[Path, typer.Option("--output", "-O", help="Where to write the file.")],
+    node: Annotated[
+        str, typer.Option(envvar="DAMSELFLY_NODE", help="The local node's registry-proxy.")
+    ] = "http://127.0.0.1:65001",
+    header_authorization: Annotated[
+        str | None, typer.Option("--authorization", help="Authorization header for the origin.")
+    ] = None,
+    output_json: Annotated[bool, typer.Option("--output-json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Download URL through the local node's P2P network into FILE (like dfget)."""
+    import dataclasses
+
+    import orjson
+
+    from services.cli.get import download
+
+    try:
+        result = asyncio.run(download(url, output, node, not output_json and sys.stderr.isatty(), header_authorization))
+    except DamselflyError as exc:
+        raise _fail(exc.message) from exc
+    if output_json:
+        typer.echo(orjson.dumps(dataclasses.asdict(result)).decode())
+    else:
+        typer.echo(f"{result.output}: {result.bytes} bytes in {result.seconds:.2f}s")
 
 
 @schemas_app.command(

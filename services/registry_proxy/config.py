@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from services.cache_store.config import peer_id_from
 from shared.config import ServiceConfig, StrictModel
+from shared.registry_client import normalise_origin
 
 
 class RegistryMirror(StrictModel):
@@ -58,15 +61,26 @@ class RegistryProxyConfig(ServiceConfig):
     default_filter: str = Field("Expires&Signature&ns", description="Query parameters left out of task ids.")
     prefetch: bool = Field(True, description="After a Range request, fetch the rest of the blob in the background.")
     cache_store_url: str | None = Field(None, description="This node's cache-store.")
+    peer_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,128}$", description="This node's peer id (its cache-store's)."
+    )
+    storage_dir: Path | None = Field(None, description="This node's piece store, shared with its cache-store.")
+    database_url: str | None = Field(None, description="The piece store's database; default SQLite in storage_dir.")
+    parallel_pieces: int = Field(4, ge=1, le=64, description="Pieces fetched from parents at once per task.")
+    piece_timeout_seconds: float = Field(30.0, gt=0, description="Give up on a parent for a piece after this long.")
+    manifest_cache_entries: int = Field(1024, ge=0, description="Manifests kept by digest.")
+
+    @property
+    def effective_peer_id(self) -> str:
+        """This node's peer id."""
+        return self.peer_id or peer_id_from(self.node_name)
+
+    @property
+    def effective_storage_dir(self) -> Path:
+        """The node's piece store."""
+        return self.storage_dir or self.workdir / "cache_store" / "pieces"
 
     @property
     def allowed_origins(self) -> set[str]:
         """Every origin this proxy may reach (normalised scheme://host:port, lower case)."""
         return {normalise_origin(url) for url in [self.registry_mirror.url, *self.allowed_registries]}
-
-
-def normalise_origin(url: str) -> str:
-    """``scheme://host:port`` of ``url`` in lower case, the port made explicit."""
-    parts = urlsplit(url if "://" in url else f"https://{url}")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"

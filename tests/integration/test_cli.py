@@ -185,7 +185,7 @@ def test_up_runs_a_ready_cluster_restarts_dead_children_and_stops_cleanly(
 
     # Ctrl-C stops everything: no process of the cluster is left, and the state file is gone.
     children = [pid for pid in processes_mentioning(str(workdir)) if pid != process.pid]
-    assert len(children) == 9  # NATS + scheduler + seed + 2 x 3 peer services.
+    assert len(children) == 10  # NATS + scheduler + seed (fetcher + cache-store) + 2 x 3 peer services.
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 0
     wait_for(lambda: processes_mentioning(str(workdir)) == [], 10, "every child to exit")

@@ -154,9 +154,10 @@ async def test_peer_registration_crosses_services_with_one_trace(
         def spans_named(name: str) -> list:
             return [span for span in span_exporter.get_finished_spans() if span.name == name]
 
-        deadline = asyncio.get_running_loop().time() + 5
-        while not spans_named("process peer.registered/1") and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        async def consumer_span_finished() -> bool:
+            return bool(spans_named("process peer.registered/1"))
+
+        await eventually(consumer_span_finished, timeout=5)
         [publish] = spans_named("publish peer.registered")
         [process] = spans_named("process peer.registered/1")
         assert publish.resource.attributes.get("service.name") == process.resource.attributes.get("service.name")

@@ -9,10 +9,11 @@ import pytest
 from services.cache_store.config import CacheStoreConfig, peer_id_from
 from services.chunk_fuse.config import ChunkFuseConfig
 from services.piece_scheduler.config import SchedulerConfig
-from services.registry_proxy.config import RegistryProxyConfig, normalise_origin
+from services.registry_proxy.config import RegistryProxyConfig
 from services.seed_fetcher.config import SeedFetcherConfig
 from shared.config import load_config
 from shared.errors import ConfigError
+from shared.registry_client import normalise_origin
 
 ALL_CONFIGS = [SchedulerConfig, CacheStoreConfig, SeedFetcherConfig, RegistryProxyConfig, ChunkFuseConfig]
 

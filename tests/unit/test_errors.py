@@ -26,6 +26,7 @@ def test_codes_are_unique() -> None:
         (errors.DependencyUnavailable("x"), 503, BusDisposition.NAK),
         (errors.UpstreamError("x"), 502, BusDisposition.NAK),
         (errors.DigestMismatch("sha256:a", "sha256:b"), 502, BusDisposition.NAK),
+        (errors.BlobDigestMismatch("sha256:a", "sha256:b"), 502, BusDisposition.TERM),
         (errors.InvalidStateTransition("peer", "left", "heartbeat"), 409, BusDisposition.TERM),
         (errors.DuplicateEvent("x"), 200, BusDisposition.ACK),
         (errors.NoSpace("x"), 507, BusDisposition.NAK),

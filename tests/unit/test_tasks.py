@@ -1,0 +1,102 @@
+"""Task ids, piece sizes and ranges, HTTP Range parsing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared.errors import InvalidRequest, RangeNotSatisfiable
+from shared.tasks import (
+    MIB,
+    blob_digest_in,
+    filtered_url,
+    parse_filter,
+    parse_range_header,
+    piece_count,
+    piece_range,
+    piece_size_for,
+    pieces_covering,
+    task_id_for_digest,
+    task_id_for_url,
+)
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("length", "size"),
+    [(0, 4 * MIB), (1, 4 * MIB), (200 * MIB, 4 * MIB), (200 * MIB + 1, 7 * MIB), (512 * MIB, 10 * MIB),
+     (1024 * MIB, 15 * MIB), (100 * 1024 * MIB, 15 * MIB)],
+)
+def test_piece_size_follows_dragonflys_rule(length: int, size: int) -> None:
+    assert piece_size_for(length) == size
+
+
+@given(st.integers(min_value=0, max_value=10**12))
+def test_pieces_tile_the_blob_exactly(length: int) -> None:
+    size = piece_size_for(length)
+    count = piece_count(length, size)
+    if count:
+        first, last = piece_range(0, length, size), piece_range(count - 1, length, size)
+        assert first.start == 0 and last.end == length
+        assert 0 < last.length <= size
+    assert count * size >= length > (count - 1) * size or length == 0
+
+
+@given(st.integers(min_value=1, max_value=10**9), st.data())
+def test_pieces_covering_a_range_hold_every_byte_of_it(length: int, data: st.DataObject) -> None:
+    size = piece_size_for(length)
+    start = data.draw(st.integers(min_value=0, max_value=length - 1))
+    end = data.draw(st.integers(min_value=start, max_value=length - 1))
+    numbers = pieces_covering(start, end, size)
+    assert piece_range(numbers[0], length, size).start <= start
+    assert piece_range(numbers[-1], length, size).end > end
+
+
+def test_piece_out_of_range_is_invalid() -> None:
+    with pytest.raises(InvalidRequest):
+        piece_range(3, 10, 4)
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "expected"),
+    [(None, 10, None), ("bytes=0-0", 10, (0, 0)), ("bytes=2-", 10, (2, 9)), ("bytes=-3", 10, (7, 9)),
+     ("bytes=5-100", 10, (5, 9)), ("bytes=-100", 10, (0, 9)), (" bytes=1-2 ", 10, (1, 2))],
+)
+def test_valid_ranges(header: str | None, length: int, expected: tuple[int, int] | None) -> None:
+    assert parse_range_header(header, length) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "length"),
+    [("bytes=10-", 10), ("bytes=5-2", 10), ("bytes=-0", 10), ("items=0-1", 10), ("bytes=a-b", 10),
+     ("bytes=0-0", 0), ("bytes=-1", 0), ("bytes", 10)],
+)
+def test_unsatisfiable_ranges_are_416(header: str, length: int) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range_header(header, length)
+
+
+def test_multiple_ranges_are_refused() -> None:
+    with pytest.raises(InvalidRequest):
+        parse_range_header("bytes=0-1,3-4", 10)
+
+
+def test_filtered_parameters_do_not_change_the_task_id() -> None:
+    filters = parse_filter("Expires&Signature&ns")
+    assert filters == ("Expires", "Signature", "ns")
+    one = task_id_for_url("https://cdn.example/blob?b=2&Signature=x&a=1&Expires=1", filters)
+    two = task_id_for_url("https://cdn.example/blob?a=1&Expires=9&b=2&Signature=y", filters)
+    other = task_id_for_url("https://cdn.example/blob?a=2&b=2", filters)
+    assert one == two != other
+    assert filtered_url("https://h/p?ns=docker.io&x=1", filters) == "https://h/p?x=1"
+
+
+def test_digest_task_ids_and_blob_paths() -> None:
+    assert task_id_for_digest(DIGEST) == task_id_for_digest(DIGEST)
+    assert len(task_id_for_digest(DIGEST)) == 64
+    with pytest.raises(InvalidRequest):
+        task_id_for_digest("md5:abc")
+    assert blob_digest_in(f"/v2/library/python/blobs/{DIGEST}") == DIGEST
+    assert blob_digest_in("/v2/library/python/manifests/3.11") is None
