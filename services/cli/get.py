@@ -23,8 +23,9 @@ class GetResult:
     task_id: str | None
 
 
-async def download(url: str, output: Path, node: str, show_progress: bool, authorization: str | None = None
-                   ) -> GetResult:
+async def download(
+    url: str, output: Path, node: str, show_progress: bool, authorization: str | None = None
+) -> GetResult:
     """Stream ``url`` through ``node``'s registry-proxy into ``output`` (written whole or not at all)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".damselfly-partial")

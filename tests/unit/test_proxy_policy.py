@@ -28,7 +28,9 @@ def test_origin_comes_from_the_header_then_ns_then_the_mirror_url() -> None:
     assert rules.origin_for(None, None) == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize("header", ["https://evil.example.com", "http://ghcr.io", "ftp://ghcr.io", "https://ghcr.io:444"])
+@pytest.mark.parametrize(
+    "header", ["https://evil.example.com", "http://ghcr.io", "ftp://ghcr.io", "https://ghcr.io:444"]
+)
 def test_origins_off_the_allow_list_are_forbidden(header: str) -> None:
     with pytest.raises(Forbidden):
         policy().origin_for(header, None)

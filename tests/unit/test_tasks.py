@@ -26,8 +26,15 @@ DIGEST = "sha256:" + "ab" * 32
 
 @pytest.mark.parametrize(
     ("length", "size"),
-    [(0, 4 * MIB), (1, 4 * MIB), (200 * MIB, 4 * MIB), (200 * MIB + 1, 7 * MIB), (512 * MIB, 10 * MIB),
-     (1024 * MIB, 15 * MIB), (100 * 1024 * MIB, 15 * MIB)],
+    [
+        (0, 4 * MIB),
+        (1, 4 * MIB),
+        (200 * MIB, 4 * MIB),
+        (200 * MIB + 1, 7 * MIB),
+        (512 * MIB, 10 * MIB),
+        (1024 * MIB, 15 * MIB),
+        (100 * 1024 * MIB, 15 * MIB),
+    ],
 )
 def test_piece_size_follows_dragonflys_rule(length: int, size: int) -> None:
     assert piece_size_for(length) == size
@@ -61,8 +68,15 @@ def test_piece_out_of_range_is_invalid() -> None:
 
 @pytest.mark.parametrize(
     ("header", "length", "expected"),
-    [(None, 10, None), ("bytes=0-0", 10, (0, 0)), ("bytes=2-", 10, (2, 9)), ("bytes=-3", 10, (7, 9)),
-     ("bytes=5-100", 10, (5, 9)), ("bytes=-100", 10, (0, 9)), (" bytes=1-2 ", 10, (1, 2))],
+    [
+        (None, 10, None),
+        ("bytes=0-0", 10, (0, 0)),
+        ("bytes=2-", 10, (2, 9)),
+        ("bytes=-3", 10, (7, 9)),
+        ("bytes=5-100", 10, (5, 9)),
+        ("bytes=-100", 10, (0, 9)),
+        (" bytes=1-2 ", 10, (1, 2)),
+    ],
 )
 def test_valid_ranges(header: str | None, length: int, expected: tuple[int, int] | None) -> None:
     assert parse_range_header(header, length) == expected
@@ -70,8 +84,16 @@ def test_valid_ranges(header: str | None, length: int, expected: tuple[int, int]
 
 @pytest.mark.parametrize(
     ("header", "length"),
-    [("bytes=10-", 10), ("bytes=5-2", 10), ("bytes=-0", 10), ("items=0-1", 10), ("bytes=a-b", 10),
-     ("bytes=0-0", 0), ("bytes=-1", 0), ("bytes", 10)],
+    [
+        ("bytes=10-", 10),
+        ("bytes=5-2", 10),
+        ("bytes=-0", 10),
+        ("items=0-1", 10),
+        ("bytes=a-b", 10),
+        ("bytes=0-0", 0),
+        ("bytes=-1", 0),
+        ("bytes", 10),
+    ],
 )
 def test_unsatisfiable_ranges_are_416(header: str, length: int) -> None:
     with pytest.raises(RangeNotSatisfiable):
