@@ -1,4 +1,5 @@
-"""Bus subscribers of the scheduler: peer lifecycle events fold into the peer table."""
+"""Bus subscribers of the scheduler: peer lifecycle events fold into the peer table, task events into the
+piece map."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import logging
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from services.piece_scheduler.metrics import SchedulerMetrics
 from services.piece_scheduler.models import upsert_peer
 from services.piece_scheduler.peer_registry import PeerRecord, PeerRegistry
+from services.piece_scheduler.task_map import TaskMap
 from shared.bus import Delivery
 from shared.schemas import Event, PeerHeartbeat, PeerLeft, PeerRegistered
 from shared.schemas.events import utcnow
-from shared.subjects import PEERS_STREAM, ConsumerSpec, DeliverFrom
+from shared.subjects import PEERS_STREAM, TASKS_STREAM, ConsumerSpec, DeliverFrom
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +31,19 @@ PEER_EVENTS_CONSUMER = ConsumerSpec(
     max_deliver=5,
     batch=256,
     description="Scheduler replica: peer lifecycle, replayed at start.",
+)
+
+# The same for the piece map: every replica folds the whole TASKS stream from its start, so a restarted
+# scheduler knows every task, holder, bad parent and seed attempt without anyone announcing again.
+TASK_EVENTS_CONSUMER = ConsumerSpec(
+    stream=TASKS_STREAM,
+    filter_subjects=TASKS_STREAM.subjects,
+    durable=None,
+    deliver_from=DeliverFrom.ALL,
+    ack_wait_seconds=10.0,
+    max_deliver=5,
+    batch=256,
+    description="Scheduler replica: tasks, pieces and seed completions, replayed at start.",
 )
 
 
@@ -66,6 +82,23 @@ class PeerEventHandler:
             for record in records:
                 upsert_peer(session, record, now)
             session.commit()
+
+
+class TaskEventHandler:
+    """Folds task, piece and seed-completion events into the piece map."""
+
+    def __init__(self, tasks: TaskMap, metrics: SchedulerMetrics | None = None) -> None:
+        self.tasks = tasks
+        self.metrics = metrics
+
+    async def __call__(self, event: Event, delivery: Delivery) -> None:
+        before = self.tasks.back_to_source_total
+        task = self.tasks.apply(event)
+        if task is None:
+            logger.debug("ignoring %s on %s", event.name, delivery.subject)
+            return
+        if self.metrics and self.tasks.back_to_source_total > before:
+            self.metrics.back_to_source.inc(self.tasks.back_to_source_total - before)
 
 
 async def sweep_peers(handler: PeerEventHandler, interval: float) -> None:
