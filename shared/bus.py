@@ -89,6 +89,8 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Connection trouble, or a JetStream API error while the server is still recovering its streams.
 _RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (*_CONNECTION_ERRORS, nats.js.errors.APIError)
+# A publish whose subject no stream takes (streams not declared yet, or lost with the server's store).
+_PUBLISH_ERRORS: tuple[type[BaseException], ...] = (*_CONNECTION_ERRORS, nats.js.errors.NoStreamResponseError)
 
 
 def _nak_delay(spec: ConsumerSpec, num_delivered: int) -> float:
@@ -282,7 +284,7 @@ class Bus:
             inject_trace_headers(headers)
             try:
                 ack = await self.js.publish(subject, event.to_bytes(), headers=headers)
-            except (*_CONNECTION_ERRORS, nats.js.errors.NoStreamResponseError) as exc:
+            except _PUBLISH_ERRORS as exc:
                 if self.metrics:
                     self.metrics.publish_errors.labels(subject=event.subject_base).inc()
                 span.set_status(Status(StatusCode.ERROR, str(exc)))

@@ -73,7 +73,7 @@ SEED_JOBS_STREAM = StreamSpec(
     subjects=(SEED_FETCH_REQUESTED,),
     retention=Retention.WORK_QUEUE,
     description="Back-to-source jobs, each taken by exactly one seed-fetcher.",
-    # A job for a task is published with the msg id 'seed:<task>:<attempt>': many peers asking at once
+    # A job for a task is published with the msg id 'seed.fetch:<task>:<attempt>': many peers asking at once
     # within this window make one job.
     duplicate_window_seconds=600.0,
 )
@@ -112,7 +112,9 @@ SEED_FETCH_CONSUMER = ConsumerSpec(
     stream=SEED_JOBS_STREAM,
     filter_subjects=(SEED_FETCH_REQUESTED,),
     durable="seed-fetchers",
-    ack_wait_seconds=60.0,
+    # Short, because a working fetcher keeps the job alive with in-progress reminders: a killed one's job
+    # is redelivered (and resumed) this soon after it died.
+    ack_wait_seconds=15.0,
     max_deliver=20,
     max_ack_pending=8,
     batch=1,

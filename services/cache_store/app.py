@@ -12,8 +12,12 @@ from fastapi import FastAPI
 
 from services.cache_store import api
 from services.cache_store.config import CacheStoreConfig
+from services.cache_store.janitor import CacheJanitor
+from services.cache_store.metrics import CacheStoreMetrics
 from services.cache_store.peer_announcer import PeerAnnouncer
-from shared.db import create_db_engine, create_tables, database_ready
+from services.cache_store.upload import Uploader
+from shared.db import database_ready
+from shared.piece_store import PieceStore
 from shared.schemas import PeerInfo
 from shared.service import create_service_app, service_runtime
 from shared.subjects import PEERS_STREAM
@@ -32,12 +36,28 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage_dir = config.effective_storage_dir
-        storage_dir.mkdir(parents=True, exist_ok=True)
-        engine = create_db_engine(config.effective_database_url)
+        # The store is shared with the node's registry-proxy and seed-fetcher (same directory and
+        # database); this process serves from it and keeps it within bounds.
+        store = await asyncio.to_thread(PieceStore, storage_dir, config.effective_database_url)
         try:
-            await asyncio.to_thread(create_tables, engine)
+            metrics = CacheStoreMetrics.create(app.state.metrics.registry)
+            high, low = await asyncio.to_thread(config.watermarks)
+            app.state.store = store
+            app.state.cache_metrics = metrics
+            app.state.uploader = uploader = Uploader(
+                config.upload_slots, config.upload_rate_limit_bytes, config.upload_chunk_bytes, metrics
+            )
+            app.state.janitor = janitor = CacheJanitor(
+                store,
+                metrics,
+                gc_interval=config.gc_interval_seconds,
+                refresh_interval=min(config.heartbeat_interval_seconds, config.gc_interval_seconds),
+                ttl_seconds=config.gc_ttl_seconds,
+                high_watermark_bytes=high,
+                low_watermark_bytes=low,
+            )
             async with service_runtime(app, config, streams=[PEERS_STREAM]) as runtime:
-                runtime.add_readiness_check("database", lambda: database_ready(engine))
+                runtime.add_readiness_check("database", lambda: database_ready(store.engine))
                 info = PeerInfo(
                     peer_id=config.effective_peer_id,
                     node_name=config.node_name,
@@ -54,7 +74,7 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
                     runtime.bus,
                     info,
                     config.heartbeat_interval_seconds,
-                    load=lambda: (0, 0),
+                    load=lambda: (uploader.slots.in_use, janitor.tasks_held),
                     storage_path=str(storage_dir),
                 )
 
@@ -62,16 +82,21 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
                     return announcer.registered.is_set()
 
                 runtime.add_readiness_check("registered", registered)
-                announcing = asyncio.create_task(announcer.run(), name="peer-announcer")
+                background = [
+                    asyncio.create_task(announcer.run(), name="peer-announcer"),
+                    asyncio.create_task(janitor.run(), name="cache-janitor"),
+                ]
                 try:
                     yield
                 finally:
-                    announcing.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await announcing
+                    for task in background:
+                        task.cancel()
+                    for task in background:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     await announcer.leave()
         finally:
-            engine.dispose()
+            store.close()
 
     app = create_service_app(
         config,

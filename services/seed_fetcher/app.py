@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 from fastapi import FastAPI
 
 from services.seed_fetcher.config import SeedFetcherConfig
+from services.seed_fetcher.fetcher import SeedFetcher
+from services.seed_fetcher.handlers import SeedJobHandler
+from shared.db import database_ready
+from shared.piece_store import PieceStore
+from shared.registry_client import OriginClient
 from shared.service import create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS, SEED_FETCH_CONSUMER
 
 
 def create_app(config: SeedFetcherConfig) -> FastAPI:
-    """The seed-fetcher's app: declares the seed job queue and its durable consumer."""
+    """The seed-fetcher's app: takes jobs from the seed queue and fills its node's piece store."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config.effective_storage_dir.mkdir(parents=True, exist_ok=True)
-        async with service_runtime(app, config, streams=ALL_STREAMS) as runtime:
-            # Declared at start so jobs queue up durably even before the first fetcher takes one.
-            await runtime.bus.declare_consumer(SEED_FETCH_CONSUMER)
+        store = await asyncio.to_thread(PieceStore, config.effective_storage_dir, config.database_url)
+        connector = aiohttp.TCPConnector(limit=64, limit_per_host=config.parallel_ranges * 4)
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            service_runtime(app, config, streams=ALL_STREAMS) as runtime,
+        ):
+            runtime.add_readiness_check("database", lambda: database_ready(store.engine))
+            fetcher = SeedFetcher(
+                seed_id=config.effective_seed_id,
+                store=store,
+                origin=OriginClient(session, max_attempts=config.max_attempts, insecure=config.insecure),
+                bus=runtime.bus,
+                allowed_origins=config.allowed_registries,
+                parallel_ranges=config.parallel_ranges,
+            )
+            app.state.fetcher = fetcher
+            runtime.bus.consume(SEED_FETCH_CONSUMER, SeedJobHandler(fetcher), name="seed-fetchers")
             yield
 
     return create_service_app(

@@ -1,0 +1,367 @@
+"""The peer side of P2P: get a task's pieces from the parents the scheduler names, into this node's store.
+
+One :class:`TaskDownload` per task per node, however many clients ask for the blob at once. It asks the
+scheduler for assignments (NATS request/reply), fetches pieces from parents' upload servers with a few
+in flight, lowest wanted number first, checks each against its digest while storing it (one copy on
+disk, in the store the node's cache-store serves from), announces it at once, and wakes the readers
+streaming that piece to clients. A parent that fails or serves a corrupt piece is reported
+(``piece.failed``) and the next parent is tried; when none is left the scheduler is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from shared.bus import Bus
+from shared.errors import DamselflyError, DependencyUnavailable, DigestMismatch, UpstreamError
+from shared.piece_store import PieceStore, StoredTask
+from shared.schemas import (
+    AssignmentReply,
+    AssignmentRequest,
+    PieceAnnounced,
+    PieceAssignment,
+    PieceFailed,
+    PieceFailureReason,
+    PieceSource,
+    TaskStatus,
+)
+from shared.tasks import piece_range, pieces_covering
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+LAYOUT_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass
+class BlobRequest:
+    """What a client asked for."""
+
+    task_id: str
+    url: str
+    digest: str | None
+    authorization: str | None
+    content_length: int | None = None
+
+
+@dataclass
+class TaskDownload:
+    """The state of one task's download on this node."""
+
+    request: BlobRequest
+    layout: asyncio.Future[StoredTask]
+    ready: dict[int, asyncio.Event] = field(default_factory=dict)
+    urgent: list[int] = field(default_factory=list)
+    wanted: set[int] | None = None  # None: every piece.
+    assignments: dict[int, PieceAssignment] = field(default_factory=dict)
+    fetching: set[int] = field(default_factory=set)
+    held: set[int] = field(default_factory=set)
+    failure: DamselflyError | None = None
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task[None] | None = None
+    bytes_from_peers: int = 0
+
+    def event(self, number: int) -> asyncio.Event:
+        """The event set when piece ``number`` is on disk."""
+        return self.ready.setdefault(number, asyncio.Event())
+
+    def want(self, numbers: range, prefetch_rest: bool) -> None:
+        """Make ``numbers`` the next pieces to fetch; without prefetch, fetch only what is asked for."""
+        self.urgent = [number for number in numbers if number not in self.held] + self.urgent
+        if prefetch_rest:
+            self.wanted = None
+        elif self.wanted is not None:
+            self.wanted.update(numbers)
+        self.wakeup.set()
+
+
+class PeerDownloader:
+    """Downloads tasks for this node's clients (registry-proxy requests) through the P2P network."""
+
+    def __init__(
+        self,
+        *,
+        peer_id: str,
+        store: PieceStore,
+        bus: Bus,
+        session: aiohttp.ClientSession,
+        parallel_pieces: int = 4,
+        piece_timeout: float = 30.0,
+        assignment_timeout: float = 5.0,
+    ) -> None:
+        self.peer_id = peer_id
+        self.store = store
+        self.bus = bus
+        self.session = session
+        self.parallel_pieces = parallel_pieces
+        self.piece_timeout = piece_timeout
+        self.assignment_timeout = assignment_timeout
+        self._downloads: dict[str, TaskDownload] = {}
+
+    # --- entry points used by the routes -----------------------------------------------------------
+
+    async def stored_task(self, task_id: str) -> StoredTask | None:
+        """The task as this node's store has it, if at all."""
+        return await asyncio.to_thread(self.store.get_task, task_id)
+
+    async def open(
+        self, request: BlobRequest, first: int = 0, last: int | None = None, prefetch: bool = True
+    ) -> tuple[TaskDownload | None, StoredTask]:
+        """Start (or join) the task's download and wait for its layout.
+
+        Returns ``(None, task)`` when the store already holds the whole task.
+        """
+        task = await asyncio.to_thread(self.store.get_task, request.task_id)
+        if task is not None and task.completed:
+            await asyncio.to_thread(self.store.touch, request.task_id)
+            return None, task
+        download = self._downloads.get(request.task_id)
+        if download is None or download.failure is not None:
+            download = TaskDownload(request=request, layout=asyncio.get_running_loop().create_future())
+            download.wanted = None if prefetch else set()
+            self._downloads[request.task_id] = download
+            download.runner = asyncio.create_task(self._run(download), name=f"download-{request.task_id[:12]}")
+        try:
+            task = await asyncio.wait_for(asyncio.shield(download.layout), LAYOUT_TIMEOUT_SECONDS)
+        except TimeoutError as exc:
+            raise DependencyUnavailable(
+                f"no layout for task {request.task_id} after {LAYOUT_TIMEOUT_SECONDS}s"
+            ) from exc
+        end = task.content_length - 1 if last is None else last
+        if task.content_length:
+            download.want(pieces_covering(first, end, task.piece_size), prefetch_rest=prefetch)
+        return download, task
+
+    async def stream(
+        self, download: TaskDownload | None, task: StoredTask, first: int, last: int
+    ) -> AsyncIterator[bytes]:
+        """The bytes ``first..last`` of the task, in order, each piece as soon as it is on disk."""
+        if task.content_length == 0:
+            return
+        for number in pieces_covering(first, last, task.piece_size):
+            if download is not None:
+                await self._wait_for_piece(download, number)
+            piece = piece_range(number, task.content_length, task.piece_size)
+            start, end = max(first, piece.start), min(last + 1, piece.end)
+            path, offset, _length = await asyncio.to_thread(self.store.piece_file_range, task.task_id, number)
+            async for chunk in _read_file(path, offset + (start - piece.start), end - start):
+                yield chunk
+
+    async def _wait_for_piece(self, download: TaskDownload, number: int) -> None:
+        event = download.event(number)
+        while number not in download.held:
+            if download.failure is not None:
+                raise download.failure
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), 1.0)
+
+    async def close(self) -> None:
+        """Stop every download (their pieces on disk stay)."""
+        for download in self._downloads.values():
+            if download.runner is not None:
+                download.runner.cancel()
+        for download in self._downloads.values():
+            if download.runner is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await download.runner
+
+    # --- the download loop ------------------------------------------------------------------------
+
+    async def _run(self, download: TaskDownload) -> None:
+        try:
+            await self._download(download)
+        except asyncio.CancelledError:
+            raise
+        except DamselflyError as exc:
+            self._fail(download, exc)
+        except Exception as exc:
+            logger.exception("download of %s failed", download.request.task_id)
+            self._fail(download, UpstreamError(f"download failed: {exc!r}"))
+        finally:
+            if self._downloads.get(download.request.task_id) is download and download.failure is None:
+                del self._downloads[download.request.task_id]
+
+    def _fail(self, download: TaskDownload, error: DamselflyError) -> None:
+        download.failure = error
+        if not download.layout.done():
+            download.layout.set_exception(error)
+            download.layout.exception()  # Mark retrieved: waiters may have gone.
+        for event in download.ready.values():
+            event.set()
+
+    def _missing(self, download: TaskDownload, count: int) -> list[int]:
+        order = list(dict.fromkeys([*download.urgent, *range(count)]))
+        wanted = download.wanted
+        return [n for n in order if n not in download.held and (wanted is None or n in wanted or n in download.urgent)]
+
+    async def _download(self, download: TaskDownload) -> None:
+        request = download.request
+        next_assignment_at = 0.0
+        in_flight: dict[int, asyncio.Task[bool]] = {}
+        count: int | None = None
+        while True:
+            if count is not None:
+                missing = self._missing(download, count)
+                if not missing and not in_flight:
+                    if len(download.held) == count:
+                        await asyncio.to_thread(self.store.mark_completed, request.task_id)
+                    return
+                for number in missing:
+                    if len(in_flight) >= self.parallel_pieces:
+                        break
+                    assignment = download.assignments.get(number)
+                    if number in in_flight or assignment is None:
+                        continue
+                    in_flight[number] = asyncio.create_task(self._fetch_piece(download, assignment))
+                unassigned = [n for n in missing if n not in in_flight and n not in download.assignments]
+            else:
+                unassigned = []
+            now = time.monotonic()
+            if (count is None or unassigned) and now >= next_assignment_at:
+                reply = await self._request_assignment(download, unassigned[:256] if count is not None else None)
+                next_assignment_at = time.monotonic() + max(reply.retry_after_ms, 20) / 1000
+                if reply.status is TaskStatus.FAILED:
+                    raise UpstreamError(f"the seed could not fetch {request.url}: {reply.error or 'unknown error'}")
+                if count is None and reply.content_length is not None and reply.piece_size is not None:
+                    task = await asyncio.to_thread(
+                        self.store.open_task,
+                        request.task_id,
+                        url=request.url,
+                        content_length=reply.content_length,
+                        piece_size=reply.piece_size,
+                        digest=request.digest,
+                    )
+                    held = await asyncio.to_thread(self.store.held_pieces, request.task_id)
+                    download.held.update(held)
+                    for number in held:
+                        download.event(number).set()
+                    count = task.piece_count
+                    if not download.layout.done():
+                        download.layout.set_result(task)
+                for assignment in reply.pieces:
+                    if assignment.piece_number not in download.held and assignment.parents:
+                        download.assignments[assignment.piece_number] = assignment
+                continue
+            wakeup = asyncio.ensure_future(download.wakeup.wait())
+            waiters: set[asyncio.Future[Any]] = {wakeup, *in_flight.values()}
+            timeout = max(next_assignment_at - now, 0.0) if (count is None or unassigned) else None
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            download.wakeup.clear()
+            wakeup.cancel()
+            for number, fetch in list(in_flight.items()):
+                if fetch.done():
+                    del in_flight[number]
+                    if not fetch.result():
+                        download.assignments.pop(number, None)
+
+    async def _request_assignment(self, download: TaskDownload, wanted: list[int] | None) -> AssignmentReply:
+        request = download.request
+        message = AssignmentRequest(
+            task_id=request.task_id,
+            peer_id=self.peer_id,
+            url=request.url,
+            digest=request.digest,
+            content_length=request.content_length,
+            pieces_wanted=wanted,
+            authorization=request.authorization,
+        )
+        try:
+            return await self.bus.request(message, AssignmentReply, timeout=self.assignment_timeout)
+        except DependencyUnavailable as exc:
+            logger.warning("no assignment for %s yet: %s", request.task_id, exc)
+            return AssignmentReply(task_id=request.task_id, status=TaskStatus.UNKNOWN, retry_after_ms=500)
+
+    async def _fetch_piece(self, download: TaskDownload, assignment: PieceAssignment) -> bool:
+        """Try each parent in rank order; True once the piece is stored and announced."""
+        task_id = download.request.task_id
+        number = assignment.piece_number
+        for parent in assignment.parents:
+            if parent.peer_id == self.peer_id:
+                continue
+            started = time.perf_counter()
+            reason: PieceFailureReason | None = None
+            detail = ""
+            try:
+                url = f"{parent.upload_url}/download/{task_id}/pieces/{number}"
+                timeout = aiohttp.ClientTimeout(total=self.piece_timeout, sock_connect=3)
+                async with self.session.get(url, timeout=timeout) as response:
+                    if response.status == 200:
+                        data = await response.read()
+                    elif response.status == 503:
+                        continue  # Busy (no free upload slot): not the parent's fault.
+                    else:
+                        reason = (
+                            PieceFailureReason.NOT_HELD if response.status == 404 else PieceFailureReason.HTTP_ERROR
+                        )
+                        detail = f"HTTP {response.status}"
+            except TimeoutError:
+                reason, detail = PieceFailureReason.TIMEOUT, f"no piece in {self.piece_timeout}s"
+            except aiohttp.ClientError as exc:
+                reason, detail = PieceFailureReason.CONNECTION, str(exc)[:500]
+            if reason is None:
+                try:
+                    digest = await asyncio.to_thread(self.store.write_piece, task_id, number, data, assignment.digest)
+                except DigestMismatch as exc:
+                    reason, detail = PieceFailureReason.DIGEST_MISMATCH, exc.message[:500]
+                else:
+                    cost_ms = (time.perf_counter() - started) * 1000
+                    download.bytes_from_peers += len(data)
+                    download.held.add(number)
+                    download.event(number).set()
+                    await self._publish(
+                        PieceAnnounced(
+                            task_id=task_id,
+                            piece_number=number,
+                            range_start=assignment.range_start,
+                            range_length=assignment.range_length,
+                            digest=digest,
+                            holder=self.peer_id,
+                            source=PieceSource.PEER,
+                            parent_id=parent.peer_id,
+                            cost_ms=cost_ms,
+                        )
+                    )
+                    return True
+            logger.info("piece %d of %s from %s failed: %s %s", number, task_id[:12], parent.peer_id, reason, detail)
+            await self._publish(
+                PieceFailed(
+                    task_id=task_id,
+                    piece_number=number,
+                    parent_id=parent.peer_id,
+                    reporter_id=self.peer_id,
+                    reason=reason,
+                    detail=detail,
+                )
+            )
+        return False
+
+    async def _publish(self, event: PieceAnnounced | PieceFailed) -> None:
+        try:
+            await self.bus.publish(event)
+        except DependencyUnavailable as exc:
+            # The piece is on disk either way; the next heartbeat-time re-announce is a later concern.
+            logger.warning("could not publish %s: %s", event.name, exc)
+
+
+async def _read_file(path: os.PathLike[str] | str, offset: int, length: int) -> AsyncIterator[bytes]:
+    """Read ``length`` bytes at ``offset`` in 1 MiB chunks, off the event loop."""
+    descriptor = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+    try:
+        while length > 0:
+            chunk = await asyncio.to_thread(os.pread, descriptor, min(READ_CHUNK, length), offset)
+            if not chunk:
+                raise UpstreamError(f"{path} is shorter than its recorded pieces")
+            offset += len(chunk)
+            length -= len(chunk)
+            yield chunk
+    finally:
+        os.close(descriptor)

@@ -1,0 +1,174 @@
+"""Back to source: fetch one blob from the origin in pieces, store each, announce each at once.
+
+Pieces are fetched with parallel ``Range`` requests, lowest numbers first, so peers streaming the blob
+get its beginning soonest. Each stored piece is announced the moment it lands. A job redelivered after
+a crash resumes: pieces already in the store are announced again (JetStream drops the duplicates) and
+only the missing ones are fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Iterable
+
+from shared.bus import Bus
+from shared.errors import BlobDigestMismatch, BusDisposition, DamselflyError, Forbidden, InvalidRequest
+from shared.piece_store import PieceStore
+from shared.registry_client import OriginClient, normalise_origin
+from shared.schemas import PieceAnnounced, PieceSource, SeedFetchCompleted, SeedFetchRequested, TaskRegistered
+from shared.tasks import piece_count, piece_range, piece_size_for
+
+logger = logging.getLogger(__name__)
+
+_READ_BLOCK = 4 * 1024 * 1024
+
+
+class SeedFetcher:
+    """Runs seed-fetch jobs for one seed node (its own piece store, its own peer id)."""
+
+    def __init__(
+        self,
+        *,
+        seed_id: str,
+        store: PieceStore,
+        origin: OriginClient,
+        bus: Bus,
+        allowed_origins: Iterable[str],
+        parallel_ranges: int,
+    ) -> None:
+        self.seed_id = seed_id
+        self.store = store
+        self.origin = origin
+        self.bus = bus
+        self.allowed_origins = {normalise_origin(url) for url in allowed_origins}
+        self.parallel_ranges = parallel_ranges
+        self.bytes_fetched = 0
+
+    def check_allowed(self, url: str) -> None:
+        """Refuse origins off the allow-list: the seed is not an open proxy either."""
+        if normalise_origin(url) not in self.allowed_origins:
+            raise Forbidden(f"origin of {url} is not on the seed's allow-list", url=url)
+
+    async def run(self, job: SeedFetchRequested) -> None:
+        """Fetch, store and announce every piece of the job's blob; report completion."""
+        try:
+            self.check_allowed(job.url)
+            content_length = job.content_length
+            if content_length is None:
+                content_length = await self.origin.content_length(job.url, job.authorization)
+            piece_size = job.piece_size or piece_size_for(content_length)
+            await asyncio.to_thread(
+                self.store.open_task,
+                job.task_id,
+                url=job.url,
+                content_length=content_length,
+                piece_size=piece_size,
+                digest=job.digest,
+            )
+            count = piece_count(content_length, piece_size)
+            await self.bus.publish(
+                TaskRegistered(
+                    task_id=job.task_id,
+                    url=job.url,
+                    digest=job.digest,
+                    content_length=content_length,
+                    piece_size=piece_size,
+                    piece_count=count,
+                    registered_by=self.seed_id,
+                )
+            )
+            held = await asyncio.to_thread(self.store.held_pieces, job.task_id)
+            for number, digest in sorted(held.items()):
+                await self._announce(job, number, content_length, piece_size, digest, cost_ms=0.0)
+            missing = [number for number in range(count) if number not in held]
+            if missing:
+                logger.info(
+                    "fetching %d of %d pieces of %s", len(missing), count, job.url, extra={"task_id": job.task_id}
+                )
+            await self._fetch_pieces(job, missing, content_length, piece_size)
+            if job.digest:
+                await asyncio.to_thread(self._verify_blob, job.task_id, job.digest, content_length)
+            await asyncio.to_thread(self.store.mark_completed, job.task_id)
+            await self.bus.publish(
+                SeedFetchCompleted(
+                    task_id=job.task_id,
+                    seed_id=self.seed_id,
+                    attempt=job.attempt,
+                    ok=True,
+                    content_length=content_length,
+                    piece_count=count,
+                )
+            )
+        except DamselflyError as exc:
+            if exc.bus_disposition is BusDisposition.TERM:
+                # The job can never succeed: tell the scheduler, so waiting peers fail fast.
+                await self._report_failure(job, exc)
+            raise
+
+    async def _fetch_pieces(self, job: SeedFetchRequested, numbers: list[int], length: int, piece_size: int) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for number in numbers:
+            queue.put_nowait(number)
+
+        async def worker() -> None:
+            while not queue.empty():
+                number = queue.get_nowait()
+                await self._fetch_piece(job, number, length, piece_size)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(self.parallel_ranges, len(numbers)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+
+    async def _fetch_piece(self, job: SeedFetchRequested, number: int, length: int, piece_size: int) -> None:
+        piece = piece_range(number, length, piece_size)
+        started = time.perf_counter()
+        data = await self.origin.fetch_range(job.url, piece.start, piece.end - 1, job.authorization)
+        self.bytes_fetched += len(data)
+        digest = await asyncio.to_thread(self.store.write_piece, job.task_id, number, data)
+        await self._announce(job, number, length, piece_size, digest, cost_ms=(time.perf_counter() - started) * 1000)
+
+    async def _announce(
+        self, job: SeedFetchRequested, number: int, length: int, piece_size: int, digest: str, cost_ms: float
+    ) -> None:
+        piece = piece_range(number, length, piece_size)
+        await self.bus.publish(
+            PieceAnnounced(
+                task_id=job.task_id,
+                piece_number=number,
+                range_start=piece.start,
+                range_length=piece.length,
+                digest=digest,
+                holder=self.seed_id,
+                source=PieceSource.ORIGIN,
+                cost_ms=cost_ms,
+            )
+        )
+
+    def _verify_blob(self, task_id: str, expected: str, content_length: int) -> None:
+        """Hash the whole stored blob; on a mismatch forget it, so nothing wrong is served again."""
+        task = self.store.get_task(task_id)
+        if task is None:
+            raise InvalidRequest(f"task {task_id} vanished while it was being fetched")
+        hasher = hashlib.sha256()
+        for number in range(task.piece_count):
+            hasher.update(self.store.read_piece(task_id, number))
+        actual = "sha256:" + hasher.hexdigest()
+        if actual != expected:
+            self.store.delete_task(task_id)
+            raise BlobDigestMismatch(expected, actual, what=f"blob of task {task_id}")
+
+    async def _report_failure(self, job: SeedFetchRequested, exc: DamselflyError) -> None:
+        try:
+            await self.bus.publish(
+                SeedFetchCompleted(
+                    task_id=job.task_id, seed_id=self.seed_id, attempt=job.attempt, ok=False, error=exc.message[:2000]
+                )
+            )
+        except DamselflyError as publish_error:
+            logger.warning("could not report the failed fetch of %s: %s", job.task_id, publish_error)

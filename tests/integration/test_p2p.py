@@ -1,0 +1,82 @@
+"""P2P distribution end to end: real origin, real cluster, real skopeo through each peer's mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+
+from tests.support.cluster import local_cluster, mirror_registries_conf, run, skopeo_copy_command
+from tests.support.images import image_blobs, push_oci_layout, python_image
+from tests.support.registry import RegistryServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def host_of(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+async def test_three_concurrent_pulls_through_three_peers_take_each_blob_from_the_origin_once(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
+    blobs = image_blobs(registry.url, "library/python", "3.11")
+    mark = registry.mark()
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=3) as plan:
+        commands = []
+        for index, peer in enumerate(plan.peers):
+            conf = mirror_registries_conf(tmp_path / f"registries-{index}.conf", registry.host, host_of(peer.proxy))
+            commands.append(
+                skopeo_copy_command(f"{registry.host}/library/python:3.11", tmp_path / f"out-{index}", conf)
+            )
+        results = await asyncio.gather(*(asyncio.to_thread(run, command) for command in commands))
+        for result in results:
+            assert result.returncode == 0, result.stderr
+
+    for index in range(3):
+        layout = tmp_path / f"out-{index}"
+        for blob in blobs:
+            data = (layout / "blobs" / "sha256" / blob.digest.removeprefix("sha256:")).read_bytes()
+            assert "sha256:" + hashlib.sha256(data).hexdigest() == blob.digest
+    for blob in blobs:
+        served = registry.blob_bytes_served(blob.digest, since=mark)
+        assert served == blob.size, f"{blob.digest}: origin sent {served} bytes for a {blob.size}-byte blob"
+
+
+async def test_range_requests_through_the_proxy_return_the_origins_bytes(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
+    blobs = image_blobs(registry.url, "library/python", "3.11")
+    layer = max(blobs, key=lambda blob: blob.size)
+    expected = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    rng = random.Random(7)
+    piece = 4 * 1024 * 1024
+    ranges = [(0, 0), (layer.size - 1, layer.size - 1), (piece - 10, piece + 10), (0, layer.size - 1)]
+    ranges += [tuple(sorted((rng.randrange(layer.size), rng.randrange(layer.size)))) for _ in range(196)]
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=1) as plan:
+        url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
+        async with aiohttp.ClientSession() as session:
+            for first, last in ranges:
+                async with session.get(url, headers={"Range": f"bytes={first}-{last}"}) as response:
+                    body = await response.read()
+                    assert response.status == 206, (first, last, response.status)
+                    assert response.headers["Content-Range"] == f"bytes {first}-{last}/{layer.size}"
+                    assert body == expected[first : last + 1], (first, last)
+            async with session.get(url, headers={"Range": f"bytes={layer.size}-"}) as response:
+                assert response.status == 416
+            async with session.get(url) as response:
+                assert response.status == 200 and await response.read() == expected
+            forbidden = {"X-Dragonfly-Registry": "https://evil.example.com"}
+            async with session.get(url, headers=forbidden) as response:
+                assert response.status == 403
+                assert json.loads(await response.read())["error"] == "forbidden"
