@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from services.cli import convert as convert_cli
 from services.cli.cluster import LocalCluster, plan_cluster
 from services.cli.demo import DEFAULT_IMAGE_LAYOUT, DemoSettings, run_demo
 from shared.config import default_workdir
@@ -154,6 +155,12 @@ def schemas_export(
     """Write every event's JSON Schema file into DIRECTORY."""
     for path in export_schemas(directory):
         typer.echo(str(path))
+
+
+# Lazy-image commands (services/cli/convert.py).
+app.command("convert", epilog=convert_cli.CONVERT_EPILOG)(convert_cli.convert)
+app.command("check", epilog=convert_cli.CHECK_EPILOG)(convert_cli.check)
+app.command("inspect", epilog=convert_cli.INSPECT_EPILOG)(convert_cli.inspect)
 
 
 def main() -> None:
