@@ -12,7 +12,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
+from services.cli.cluster import LocalCluster, plan_cluster
 from tests.support.cluster import local_cluster, mirror_registries_conf, run, skopeo_copy_command
+from tests.support.containerd import containerd, ctr, hosts_dir
 from tests.support.images import image_blobs, push_oci_layout, python_image
 from tests.support.registry import RegistryServer
 
@@ -80,3 +82,42 @@ async def test_range_requests_through_the_proxy_return_the_origins_bytes(
             async with session.get(url, headers=forbidden) as response:
                 assert response.status == 403
                 assert json.loads(await response.read())["error"] == "forbidden"
+
+
+async def test_containerd_pulls_through_a_peer_and_its_ns_parameter_selects_the_origin(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
+    blobs = image_blobs(registry.url, "library/python", "3.11")
+    mark = registry.mark()
+    # The peer's default upstream is elsewhere: only containerd's ?ns= can send it to this origin.
+    other = "http://127.0.0.1:1"
+    plan = plan_cluster(tmp_path / "cluster", peers=1, origin=other)
+    for spec in plan.children:
+        if spec.name.endswith("registry-proxy"):
+            spec.config["allowed_registries"].append(registry.url)
+    cluster = LocalCluster(plan)
+    try:
+        await cluster.start()
+        with containerd(tmp_path / "containerd") as socket:
+            hosts = hosts_dir(tmp_path / "hosts", registry.host, plan.peers[0].proxy)
+            result = await asyncio.to_thread(
+                ctr,
+                socket,
+                "images",
+                "pull",
+                "--plain-http",
+                "--hosts-dir",
+                str(hosts),
+                f"{registry.host}/library/python:3.11",
+            )
+            assert result.returncode == 0, result.stderr + result.stdout
+            listed = await asyncio.to_thread(ctr, socket, "images", "ls", "-q")
+            assert f"{registry.host}/library/python:3.11" in listed.stdout
+    finally:
+        await cluster.stop()
+    proxy_requests = [record for record in registry.access_log(since=mark) if "blobs" in record.path]
+    assert proxy_requests, "the blobs must have come from the origin through the peer"
+    for blob in blobs:
+        assert registry.blob_bytes_served(blob.digest, since=mark) == blob.size

@@ -28,6 +28,7 @@ from tests.support.images import (
 )
 from tests.support.postgres import PostgresServer
 from tests.support.registry import RegistryServer
+from tests.support.token_service import TokenService
 
 # What `small_image` contains, so tests can assert on it without rebuilding the dict.
 SMALL_IMAGE_FILES: Mapping[str, bytes] = {
@@ -215,3 +216,11 @@ def postgres_database_url(postgres_server: PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def token_service(tmp_path: Path) -> Iterator[TokenService]:
+    """A Docker token service for user alice (password s3cret)."""
+    service = TokenService(tmp_path, {"alice": "s3cret"})
+    yield service
+    service.close()

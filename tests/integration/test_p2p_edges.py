@@ -1,0 +1,119 @@
+"""Edges of P2P distribution: an empty blob, and `damselfly get` of a plain HTTP URL."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.cli.cluster import LocalCluster, plan_cluster
+from tests.support.cluster import local_cluster
+from tests.support.registry import RegistryServer
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+def push_blob(registry: RegistryServer, repository: str, data: bytes) -> str:
+    """Upload one blob with the distribution API (POST, then PUT with its digest)."""
+    import urllib.request
+
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    start = urllib.request.Request(f"{registry.url}/v2/{repository}/blobs/uploads/", method="POST")
+    with urllib.request.urlopen(start) as response:
+        location = response.headers["Location"]
+    separator = "&" if "?" in location else "?"
+    url = location if location.startswith("http") else f"{registry.url}{location}"
+    finish = urllib.request.Request(f"{url}{separator}digest={digest}", data=data, method="PUT")
+    with urllib.request.urlopen(finish) as response:
+        assert response.status == 201
+    return digest
+
+
+async def test_an_empty_blob_is_served_and_ranges_on_it_are_416(tmp_path: Path, registry: RegistryServer) -> None:
+    assert push_blob(registry, "test/empty", b"") == EMPTY_DIGEST
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=1) as plan, aiohttp.ClientSession() as session:
+        url = f"{plan.peers[0].proxy}/v2/test/empty/blobs/{EMPTY_DIGEST}"
+        async with session.get(url) as response:
+            assert response.status == 200 and await response.read() == b""
+            assert response.headers["Content-Length"] == "0"
+        async with session.get(url, headers={"Range": "bytes=0-0"}) as response:
+            assert response.status == 416
+        async with session.head(url) as response:
+            assert response.status == 200 and response.headers["Content-Length"] == "0"
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
+    """A plain HTTP server with one 9 MiB file (three pieces)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    data = bytes(range(256)) * (9 * 4096) + b"tail"
+    (root / "big.bin").write_bytes(data)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", data
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_damselfly_get_downloads_any_allowed_url_through_the_node(
+    tmp_path: Path, file_server: tuple[str, bytes]
+) -> None:
+    base, data = file_server
+    plan = plan_cluster(tmp_path / "cluster", peers=1, origin=base)
+    cluster = LocalCluster(plan)
+    try:
+        await cluster.start()
+        output = tmp_path / "out" / "big.bin"
+        command = [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "get",
+            f"{base}/big.bin?Expires=1&Signature=x",
+            "-O",
+            str(output),
+            "--node",
+            plan.peers[0].proxy,
+            "--output-json",
+        ]
+        result = await asyncio.to_thread(subprocess.run, command, capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["bytes"] == len(data) and output.read_bytes() == data
+        # The same file behind another signature is the same task (Expires and Signature are filtered).
+        again = await asyncio.to_thread(
+            subprocess.run,
+            [*command[:4], f"{base}/big.bin?Signature=y&Expires=2", *command[5:]],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert json.loads(again.stdout)["task_id"] == report["task_id"]
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [*command[:4], "http://127.0.0.1:9/elsewhere", *command[5:]],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
+        assert refused.returncode == 1 and "allow-list" in refused.stderr
+        assert not (tmp_path / "out" / "big.bin.damselfly-partial").exists()
+    finally:
+        await cluster.stop()
