@@ -1,13 +1,15 @@
 """``damselfly demo``: the main job on embedded defaults, end to end on this machine.
 
-It starts a real origin (docker-registry) holding the python test image, a local cluster pointed at
-it, and shows what the cluster is doing. Each capability joins the demo as it lands.
+It starts a real origin (docker-registry) holding the python test image and a local cluster pointed
+at it; then every peer pulls the image at the same moment through its own registry mirror, and the
+origin's access log shows it sent each blob once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,9 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.cluster import LocalCluster, plan_cluster
+from services.cli.cluster import LocalCluster, PeerEndpoints, plan_cluster
 from services.cli.origin import LocalOrigin
+from shared.errors import UpstreamError
 
 # The shared/ folder beside the checkout holds the real test image (see its README).
 DEFAULT_IMAGE_LAYOUT = Path(__file__).resolve().parents[3] / "shared" / "images" / "python-3.11"
@@ -56,6 +59,7 @@ async def run_demo(settings: DemoSettings, console: Console) -> None:
             await cluster.start()
         console.print(f"cluster ready in {time.monotonic() - started:.1f}s; state in {settings.workdir / 'state.json'}")
         console.print(await cluster_table(plan.scheduler_url, plan.state()))
+        await pull_through_every_peer(settings, origin, plan.peers, reference, console)
         if settings.keep_running:
             console.print("running; Ctrl-C to stop")
             await asyncio.Event().wait()
@@ -63,6 +67,56 @@ async def run_demo(settings: DemoSettings, console: Console) -> None:
         if cluster is not None:
             await cluster.stop()
         origin.stop()
+
+
+async def pull_through_every_peer(
+    settings: DemoSettings, origin: LocalOrigin, peers: list[PeerEndpoints], reference: str, console: Console
+) -> None:
+    """Every peer pulls the image at the same moment through its own mirror; the origin sends it once."""
+    layout = settings.image_layout
+    image_bytes = sum(path.stat().st_size for path in (layout / "blobs" / "sha256").iterdir())
+    commands = []
+    for peer in peers:
+        conf = settings.workdir / f"registries-{peer.name}.conf"
+        mirror = peer.proxy.removeprefix("http://")
+        conf.write_text(
+            f'[[registry]]\nprefix = "{origin.host}"\nlocation = "{origin.host}"\ninsecure = true\n'
+            f'[[registry.mirror]]\nlocation = "{mirror}"\ninsecure = true\n'
+        )
+        target = settings.workdir / "pulls" / peer.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        commands.append(
+            [
+                "skopeo",
+                "--insecure-policy",
+                "--registries-conf",
+                str(conf),
+                "copy",
+                "--quiet",
+                "--src-tls-verify=false",
+                "--preserve-digests",
+                f"docker://{reference}",
+                f"oci:{target}:image",
+            ]
+        )
+    before = sum(origin.blob_bytes_served().values())
+    started = time.monotonic()
+    with console.status(f"{len(peers)} peers pull {reference} at once, each through its own mirror"):
+        results = await asyncio.gather(*(asyncio.to_thread(_run, command) for command in commands))
+    elapsed = time.monotonic() - started
+    failed = [result.stderr.strip() for result in results if result.returncode != 0]
+    if failed:
+        raise UpstreamError(f"a pull through the mirror failed: {failed[0]}")
+    sent = sum(origin.blob_bytes_served().values()) - before
+    console.print(
+        f"{len(peers)} pulls of {image_bytes / 1e6:.1f} MB done in {elapsed:.1f}s; the origin sent "
+        f"{sent / 1e6:.1f} MB ({sent / image_bytes:.2f}x the image; "
+        f"per-node mirrors without P2P would send {len(peers)}x)"
+    )
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
 async def cluster_table(scheduler_url: str, state: dict[str, object]) -> Table:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -12,6 +13,9 @@ import yaml
 from shared.errors import DependencyUnavailable, UpstreamError
 from shared.nats_server import _die_with_parent
 from shared.netutil import free_port, wait_for_port
+
+# A combined-format access line of a blob GET that sent bytes: "GET /v2/<name>/blobs/<digest> HTTP/1.1" 200 N
+_BLOB_GET = re.compile(r'"GET /v2/\S+/blobs/(sha256:[0-9a-f]{64})\S* HTTP/[0-9.]+" (?:200|206) (\d+)')
 
 
 class LocalOrigin:
@@ -59,9 +63,19 @@ class LocalOrigin:
         """Copy an OCI layout's image into this registry with skopeo; returns the reference."""
         reference = f"{self.host}/{repository}"
         result = subprocess.run(
-            ["skopeo", "--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
-             f"oci:{layout}:{tag}", f"docker://{reference}"],
-            capture_output=True, text=True, check=False,
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:{tag}",
+                f"docker://{reference}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise UpstreamError(f"skopeo could not push {layout}:{tag}: {result.stderr.strip()}")
@@ -71,6 +85,15 @@ class LocalOrigin:
         """The registry's repository catalogue (a readiness probe that touches storage)."""
         with urllib.request.urlopen(f"{self.url}/v2/_catalog", timeout=5) as response:
             return bytes(response.read())
+
+    def blob_bytes_served(self) -> dict[str, int]:
+        """Bytes of each blob the registry has sent so far, from its access log."""
+        served: dict[str, int] = {}
+        log = self.workdir / "access.log"
+        if log.exists():
+            for match in _BLOB_GET.finditer(log.read_text(errors="replace")):
+                served[match.group(1)] = served.get(match.group(1), 0) + int(match.group(2))
+        return served
 
     def stop(self) -> None:
         """Stop the registry."""
