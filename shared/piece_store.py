@@ -48,6 +48,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -67,6 +68,8 @@ from sqlmodel import Field, SQLModel
 from shared.db import create_db_engine, sqlite_url
 from shared.errors import DependencyUnavailable, DigestMismatch, InvalidRequest, PieceNotFound, TaskNotFound
 from shared.tasks import PieceRange, piece_count, piece_range, pieces_covering, sha256_digest
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OpenPiece", "PieceStore", "StoreUsage", "StoredTask", "is_task_id", "validate_task_id"]
 
@@ -393,6 +396,9 @@ class PieceStore:
             with self._write() as conn:
                 row = self._task_row(conn, task_id)
                 if row is None:
+                    # A file left by an earlier life of this task (a crash before its rows were written)
+                    # may hold stale bytes: drop them, then size the file for the blob, sparse.
+                    os.ftruncate(fd, 0)
                     os.ftruncate(fd, content_length)
                     conn.execute(
                         insert(_TASKS).values(
@@ -503,11 +509,13 @@ class PieceStore:
                 statement = statement.where(condition)
             if conn.execute(statement).rowcount == 0 and condition is not None:
                 return False
+            if fd is not None:
+                # Unlinked before the rows go, so a crash in between leaves rows without a file (repaired
+                # or evicted later), never a file nobody accounts for. We hold the task's lock: a writer
+                # waiting for it then finds the path gone and gives up.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.data_path(task_id))
             conn.execute(delete(_PIECES).where(_PIECES.c.task_id == task_id))
-        if fd is not None:
-            # Unlinked while we hold the lock: a writer waiting for it then sees the path is gone.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.data_path(task_id))
         with self._touch_lock:
             self._touched.pop(task_id, None)
         return True
@@ -715,7 +723,7 @@ class PieceStore:
         with self._read() as conn:
             task = self._require_task(conn, task_id)
             rows = conn.execute(
-                select(_PIECES).where(_PIECES.c.task_id == task_id, _PIECES.c.number.in_(numbers))
+                select(_PIECES).where(_PIECES.c.task_id == task_id, _PIECES.c.number.between(numbers[0], numbers[-1]))
             ).all()
         layouts = [self._layout(task, number) for number in numbers]
         by_number = {row.number: row for row in rows}
@@ -836,6 +844,7 @@ class PieceStore:
                 .select_from(_TASKS.outerjoin(sizes, sizes.c.task_id == _TASKS.c.task_id))
                 .order_by(_TASKS.c.last_access_at, _TASKS.c.task_id)
             ).all()
+        self._sweep_orphans({row.task_id for row in rows}, busy_after)
         usage = sum(int(row.held) for row in rows)
         evicted: list[str] = []
         for row in rows:
@@ -846,16 +855,35 @@ class PieceStore:
                     evicted.append(row.task_id)
                     usage -= int(row.held)
         if usage > high_watermark_bytes:
+            gone = set(evicted)
             for row in rows:
                 if usage <= low_watermark_bytes:
                     break
-                if row.task_id in evicted or row.last_write_at > busy_after:
+                if row.task_id in gone or row.last_write_at > busy_after:
                     continue
                 condition = (_TASKS.c.last_access_at <= row.last_access_at) & (_TASKS.c.last_write_at <= busy_after)
                 if self._evict(row.task_id, condition):
                     evicted.append(row.task_id)
                     usage -= int(row.held)
         return evicted
+
+    def _sweep_orphans(self, known: set[str], busy_after: float) -> None:
+        """Remove data files no task row accounts for (a crash between creating a file and recording it)."""
+        for path in self.tasks_dir.glob("*/*.data"):
+            candidate = path.name.removesuffix(".data")
+            if candidate in known or not is_task_id(candidate) or path.parent.name != candidate[:3]:
+                continue
+            try:
+                if path.stat().st_mtime > busy_after:
+                    continue  # Probably being created right now; its row is on the way.
+                with self._locked(candidate, create=False) as fd:
+                    with self._read() as conn:
+                        recorded = self._task_row(conn, candidate) is not None
+                    if fd is not None and not recorded:
+                        os.unlink(path)
+                        logger.info("removed orphan data file %s", path)
+            except (OSError, DependencyUnavailable):
+                continue
 
     def _evict(self, task_id: str, condition: Any) -> bool:
         try:

@@ -80,11 +80,13 @@ async def _open_checked(request: Request, task_id: str, opener: Callable[[PieceS
 
 @router.get("/server/ping", summary="Liveness ping, as Dragonfly's upload server answers it (nydusd ping_url).")
 async def ping() -> PlainTextResponse:
+    """Answer ``pong``."""
     return PlainTextResponse("pong")
 
 
 @router.get("/api/v1/peer", summary="This node's peer identity.")
 async def whoami(request: Request) -> dict[str, object]:
+    """This peer's PeerInfo."""
     return request.app.state.peer_info.model_dump(mode="json")  # type: ignore[no-any-return]
 
 
@@ -100,6 +102,7 @@ async def whoami(request: Request) -> dict[str, object]:
     },
 )
 async def download_piece(request: Request, task_id: str, number: PieceNumber) -> Response:
+    """Stream one held, integrity-checked piece."""
     validate_task_id(task_id)
     uploader = _uploader(request)
     if not uploader.try_acquire():
@@ -127,6 +130,7 @@ async def download_piece(request: Request, task_id: str, number: PieceNumber) ->
 async def download_range(
     request: Request, task_id: str, range_header: Annotated[str | None, Header(alias="range")] = None
 ) -> Response:
+    """Stream a byte range (206) or the whole task (200) from held, integrity-checked pieces."""
     validate_task_id(task_id)
     task = await asyncio.to_thread(_store(request).get_task, task_id)
     if task is None:
@@ -160,6 +164,7 @@ async def download_range(
 
 @router.get("/api/v1/tasks/{task_id}", summary="A stored task and the pieces held of it.", tags=["tasks"])
 async def get_task(request: Request, task_id: str) -> TaskView:
+    """The stored task and its held pieces."""
     validate_task_id(task_id)
     store = _store(request)
 

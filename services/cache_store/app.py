@@ -17,6 +17,7 @@ from services.cache_store.metrics import CacheStoreMetrics
 from services.cache_store.peer_announcer import PeerAnnouncer
 from services.cache_store.upload import Uploader
 from shared.db import database_ready
+from shared.errors import ConfigError
 from shared.piece_store import PieceStore
 from shared.schemas import PeerInfo
 from shared.service import create_service_app, service_runtime
@@ -38,12 +39,18 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
         storage_dir = config.effective_storage_dir
         # The store is shared with the node's registry-proxy and seed-fetcher (same directory and
         # database); this process serves from it and keeps it within bounds.
-        store = await asyncio.to_thread(PieceStore, storage_dir, config.effective_database_url)
         try:
-            metrics = CacheStoreMetrics.create(app.state.metrics.registry)
+            store = await asyncio.to_thread(
+                lambda: PieceStore(
+                    storage_dir, config.effective_database_url, write_grace_seconds=config.gc_write_grace_seconds
+                )
+            )
+        except OSError as exc:
+            raise ConfigError(f"config error: storage_dir {storage_dir} is not usable: {exc.strerror or exc}") from exc
+        try:
             high, low = await asyncio.to_thread(config.watermarks)
+            metrics: CacheStoreMetrics = app.state.cache_metrics
             app.state.store = store
-            app.state.cache_metrics = metrics
             app.state.uploader = uploader = Uploader(
                 config.upload_slots, config.upload_rate_limit_bytes, config.upload_chunk_bytes, metrics
             )
@@ -104,5 +111,7 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
         title="Damselfly cache-store",
         description="A node's piece store and upload server.",
     )
+    # Registered once per app (not per lifespan), as the service's common metrics are.
+    app.state.cache_metrics = CacheStoreMetrics.create(app.state.metrics.registry)
     app.include_router(api.router)
     return app

@@ -41,6 +41,9 @@ class CacheStoreConfig(ServiceConfig):
     database_url: str | None = Field(None, description="The piece store's database; default SQLite in storage_dir.")
     gc_interval_seconds: float = Field(60.0, gt=0, description="How often garbage collection runs.")
     gc_ttl_seconds: float = Field(6 * 3600.0, gt=0, description="Tasks not accessed for this long are evicted.")
+    gc_write_grace_seconds: float = Field(
+        10.0, ge=0, description="A task written this recently is never evicted: a download is under way."
+    )
     # The store's own size (the bytes of the pieces it holds) is what the watermarks bound. In bytes when
     # set, else as a percentage of the size of the file system that holds storage_dir.
     disk_high_watermark_bytes: int | None = Field(
@@ -88,7 +91,11 @@ class CacheStoreConfig(ServiceConfig):
         """(high, low) watermarks in bytes: the configured bytes, else percentages of the storage disk."""
         high, low = self.disk_high_watermark_bytes, self.disk_low_watermark_bytes
         if high is None or low is None:
-            total = shutil.disk_usage(self.effective_storage_dir).total
+            # The nearest existing directory is on the same file system the storage dir will be on.
+            where = self.effective_storage_dir
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            total = shutil.disk_usage(where).total
             if high is None:
                 high = int(total * self.disk_high_watermark_percent / 100)
             if low is None:

