@@ -174,16 +174,16 @@ def test_up_runs_a_ready_cluster_restarts_dead_children_and_stops_cleanly(
     proxy_config = str(workdir / "configs" / "peer-0-registry-proxy.yaml")
     [victim] = processes_mentioning(proxy_config)
     os.kill(victim, signal.SIGKILL)
-    wait_for(
-        lambda: (
-            any(pid != victim for pid in processes_mentioning("peer-0-registry-proxy.yaml"))
-            and get(f"http://127.0.0.1:{proxy_port}/readyz")[0] == 200
-            if _listening(int(proxy_port))
-            else False
-        ),
-        60,
-        "the registry-proxy to come back",
-    )
+
+    def proxy_is_back() -> bool:
+        if not any(pid != victim for pid in processes_mentioning(proxy_config)):
+            return False
+        try:
+            return get(f"http://127.0.0.1:{proxy_port}/readyz")[0] == 200
+        except OSError:
+            return False  # Not listening yet.
+
+    wait_for(proxy_is_back, 60, "the registry-proxy to come back")
     assert "peer-0-registry-proxy exited with code -9; restarting" in (tmp_path / "up.log").read_text()
 
     # Ctrl-C stops everything: no process of the cluster is left, and the state file is gone.
@@ -193,12 +193,6 @@ def test_up_runs_a_ready_cluster_restarts_dead_children_and_stops_cleanly(
     assert process.wait(timeout=30) == 0
     wait_for(lambda: processes_mentioning(str(workdir)) == [], 10, "every child to exit")
     assert not (tmp_path / "s.json").exists()
-
-
-def _listening(port: int) -> bool:
-    from shared.netutil import port_open
-
-    return port_open("127.0.0.1", port)
 
 
 def test_sigterm_to_the_supervisor_stops_the_cluster(cluster: tuple[subprocess.Popen[bytes], dict, Path]) -> None:
