@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable, Mapping
 
 from fastapi.responses import Response
@@ -20,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.cache_store.metrics import CacheStoreMetrics
 from shared.piece_store import OpenPiece
+from shared.ratelimit import TokenBucket
 
 
 class UploadSlots:
@@ -39,31 +39,6 @@ class UploadSlots:
     def release(self) -> None:
         """Give a slot back."""
         self.in_use = max(0, self.in_use - 1)
-
-
-class TokenBucket:
-    """The node's upload rate limit: ``rate`` bytes/s on average, bursts up to ``capacity`` bytes.
-
-    Takers queue in order (the lock is held while waiting), so one upload cannot starve the others.
-    A take larger than what is left borrows: the bucket goes negative and the taker waits off the debt.
-    """
-
-    def __init__(self, rate: float, capacity: float) -> None:
-        self.rate = rate
-        self.capacity = capacity
-        self._tokens = capacity
-        self._updated = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def take(self, amount: int) -> None:
-        """Wait until ``amount`` bytes may be sent."""
-        async with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
-            self._tokens -= amount
-            if self._tokens < 0:
-                await asyncio.sleep(-self._tokens / self.rate)
 
 
 class Uploader:

@@ -15,6 +15,7 @@ from services.registry_proxy.config import RegistryProxyConfig
 from services.registry_proxy.downloader import PeerDownloader
 from services.registry_proxy.origins import ProxyPolicy
 from shared.piece_store import PieceStore
+from shared.ratelimit import bucket_for
 from shared.registry_client import OriginClient
 from shared.service import create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS
@@ -39,6 +40,7 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
                 session=session,
                 parallel_pieces=config.parallel_pieces,
                 piece_timeout=config.piece_timeout_seconds,
+                rate_limit=bucket_for(config.download_rate_limit_bytes),
             )
             app.state.mirror = MirrorState(
                 policy=policy,

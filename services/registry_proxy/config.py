@@ -69,6 +69,7 @@ class RegistryProxyConfig(ServiceConfig):
     parallel_pieces: int = Field(4, ge=1, le=64, description="Pieces fetched from parents at once per task.")
     piece_timeout_seconds: float = Field(30.0, gt=0, description="Give up on a parent for a piece after this long.")
     manifest_cache_entries: int = Field(1024, ge=0, description="Manifests kept by digest.")
+    download_rate_limit_bytes: int = Field(0, ge=0, description="Bytes/s this node takes from peers; 0: no limit.")
 
     @property
     def effective_peer_id(self) -> str:

@@ -24,6 +24,7 @@ import aiohttp
 from shared.bus import Bus
 from shared.errors import DamselflyError, DependencyUnavailable, DigestMismatch, UpstreamError
 from shared.piece_store import PieceStore, StoredTask
+from shared.ratelimit import TokenBucket
 from shared.schemas import (
     AssignmentReply,
     AssignmentRequest,
@@ -97,6 +98,7 @@ class PeerDownloader:
         parallel_pieces: int = 4,
         piece_timeout: float = 30.0,
         assignment_timeout: float = 5.0,
+        rate_limit: TokenBucket | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.store = store
@@ -105,6 +107,7 @@ class PeerDownloader:
         self.parallel_pieces = parallel_pieces
         self.piece_timeout = piece_timeout
         self.assignment_timeout = assignment_timeout
+        self.rate_limit = rate_limit
         self._downloads: dict[str, TaskDownload] = {}
 
     # --- entry points used by the routes -----------------------------------------------------------
@@ -296,6 +299,8 @@ class PeerDownloader:
                 async with self.session.get(url, timeout=timeout) as response:
                     if response.status == 200:
                         data = await response.read()
+                        if self.rate_limit is not None:
+                            await self.rate_limit.take(len(data))
                     elif response.status == 503:
                         continue  # Busy (no free upload slot): not the parent's fault.
                     else:

@@ -14,6 +14,7 @@ from services.seed_fetcher.fetcher import SeedFetcher
 from services.seed_fetcher.handlers import SeedJobHandler
 from shared.db import database_ready
 from shared.piece_store import PieceStore
+from shared.ratelimit import bucket_for
 from shared.registry_client import OriginClient
 from shared.service import create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS, SEED_FETCH_CONSUMER
@@ -38,6 +39,7 @@ def create_app(config: SeedFetcherConfig) -> FastAPI:
                 bus=runtime.bus,
                 allowed_origins=config.allowed_registries,
                 parallel_ranges=config.parallel_ranges,
+                rate_limit=bucket_for(config.back_to_source_rate_limit_bytes),
             )
             app.state.fetcher = fetcher
             runtime.bus.consume(SEED_FETCH_CONSUMER, SeedJobHandler(fetcher), name="seed-fetchers")

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from shared.bus import Bus
 from shared.errors import BlobDigestMismatch, BusDisposition, DamselflyError, Forbidden, InvalidRequest
 from shared.piece_store import PieceStore
+from shared.ratelimit import TokenBucket
 from shared.registry_client import OriginClient, normalise_origin
 from shared.schemas import PieceAnnounced, PieceSource, SeedFetchCompleted, SeedFetchRequested, TaskRegistered
 from shared.tasks import piece_count, piece_range, piece_size_for
@@ -38,6 +39,7 @@ class SeedFetcher:
         bus: Bus,
         allowed_origins: Iterable[str],
         parallel_ranges: int,
+        rate_limit: TokenBucket | None = None,
     ) -> None:
         self.seed_id = seed_id
         self.store = store
@@ -45,6 +47,7 @@ class SeedFetcher:
         self.bus = bus
         self.allowed_origins = {normalise_origin(url) for url in allowed_origins}
         self.parallel_ranges = parallel_ranges
+        self.rate_limit = rate_limit
         self.bytes_fetched = 0
 
     def check_allowed(self, url: str) -> None:
@@ -129,6 +132,8 @@ class SeedFetcher:
         piece = piece_range(number, length, piece_size)
         started = time.perf_counter()
         data = await self.origin.fetch_range(job.url, piece.start, piece.end - 1, job.authorization)
+        if self.rate_limit is not None:
+            await self.rate_limit.take(len(data))
         self.bytes_fetched += len(data)
         digest = await asyncio.to_thread(self.store.write_piece, job.task_id, number, data)
         await self._announce(job, number, length, piece_size, digest, cost_ms=(time.perf_counter() - started) * 1000)
