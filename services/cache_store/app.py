@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from shared.db import database_ready
 from shared.errors import ConfigError
 from shared.piece_store import PieceStore
 from shared.schemas import PeerInfo
-from shared.service import create_service_app, service_runtime
+from shared.service import background_tasks, create_service_app, service_runtime
 from shared.subjects import PEERS_STREAM
 
 
@@ -89,18 +88,10 @@ def create_app(config: CacheStoreConfig) -> FastAPI:
                     return announcer.registered.is_set()
 
                 runtime.add_readiness_check("registered", registered)
-                background = [
-                    asyncio.create_task(announcer.run(), name="peer-announcer"),
-                    asyncio.create_task(janitor.run(), name="cache-janitor"),
-                ]
                 try:
-                    yield
+                    async with background_tasks(announcer.run(), janitor.run()):
+                        yield
                 finally:
-                    for task in background:
-                        task.cancel()
-                    for task in background:
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
                     await announcer.leave()
         finally:
             store.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -25,7 +24,7 @@ from services.piece_scheduler.peer_registry import PeerRegistry
 from services.piece_scheduler.replay import StreamReplay
 from services.piece_scheduler.task_map import TaskMap
 from shared.db import create_db_engine, create_tables, database_ready
-from shared.service import create_service_app, service_runtime
+from shared.service import background_tasks, create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS
 
 
@@ -81,20 +80,13 @@ def create_app(config: SchedulerConfig) -> FastAPI:
                 )
                 await assignments.serve()
 
-                background = [
-                    asyncio.create_task(sweep_peers(handler, config.sweep_interval_seconds), name="peer-sweep"),
+                async with background_tasks(
+                    sweep_peers(handler, config.sweep_interval_seconds),
                     # Bounds the replay wait for readiness too, not only for the first assignment.
-                    asyncio.create_task(peers_replay.wait(config.replay_wait_seconds), name="peers-replay"),
-                    asyncio.create_task(tasks_replay.wait(config.replay_wait_seconds), name="tasks-replay"),
-                ]
-                try:
+                    peers_replay.wait(config.replay_wait_seconds),
+                    tasks_replay.wait(config.replay_wait_seconds),
+                ):
                     yield
-                finally:
-                    for task in background:
-                        task.cancel()
-                    for task in background:
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
         finally:
             engine.dispose()
 
