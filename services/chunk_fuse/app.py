@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services.chunk_fuse.api import router
 from services.chunk_fuse.config import ChunkFuseConfig
+from services.chunk_fuse.metrics import MountCollector
+from services.chunk_fuse.mounts import MountManager
 from shared.service import create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS
 
@@ -27,11 +30,22 @@ def create_app(config: ChunkFuseConfig) -> FastAPI:
                 return os.access(config.fuse_device, os.R_OK | os.W_OK) and shutil.which("fusermount3") is not None
 
             runtime.add_readiness_check("fuse", fuse_available)
-            yield
+            mounts = MountManager(config, runtime.bus)
+            await mounts.start()
+            app.state.mounts = mounts
+            collector = MountCollector(mounts)
+            runtime.metrics.registry.register(collector)
+            try:
+                yield
+            finally:
+                runtime.metrics.registry.unregister(collector)
+                await mounts.stop()
 
-    return create_service_app(
+    app = create_service_app(
         config,
         lifespan,
         title="Damselfly chunk-fuse agent",
         description="Lazy FUSE mounts of converted images, reading chunks through the P2P mirror.",
     )
+    app.include_router(router)
+    return app

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 from services.cli import convert as convert_cli
+from services.cli import mount as mount_cli
+from services.cli import run as run_cli
 from services.cli.cluster import LocalCluster, plan_cluster
 from services.cli.demo import DEFAULT_IMAGE_LAYOUT, DemoSettings, run_demo
 from shared.config import default_workdir
@@ -161,6 +163,15 @@ def schemas_export(
 app.command("convert", epilog=convert_cli.CONVERT_EPILOG)(convert_cli.convert)
 app.command("check", epilog=convert_cli.CHECK_EPILOG)(convert_cli.check)
 app.command("inspect", epilog=convert_cli.INSPECT_EPILOG)(convert_cli.inspect)
+
+# Lazy mounts (services/cli/mount.py, services/cli/run.py).
+app.command("mount", epilog=mount_cli.MOUNT_EPILOG)(mount_cli.mount)
+app.command("umount", epilog=mount_cli.UMOUNT_EPILOG)(mount_cli.umount)
+app.command(
+    "run",
+    epilog=run_cli.RUN_EPILOG,
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)(run_cli.run)
 
 
 def main() -> None:

@@ -1,0 +1,345 @@
+"""The agent's mounts: start and end daemons, keep their stats, share learned prefetch lists.
+
+Each mount is a daemon process (services/chunk_fuse/daemon.py) with a control socket.  A poll task reads
+every mount's stats once a second (for ``/metrics``, which must answer without waiting on sockets), reaps
+daemons that ended (unmounted from outside, or killed), and publishes a learned prefetch list as soon as a
+first cold start's recording window closes.  An agent that restarts adopts the live daemons it had
+started, from their records in the run dir: mounts outlive the agent, as nydusd mounts do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from nats.js.kv import KeyValue
+
+from services.chunk_fuse import learned
+from services.chunk_fuse.backend import RegistryBackend
+from services.chunk_fuse.config import ChunkFuseConfig
+from services.chunk_fuse.image import DEFAULT_PLATFORM, registry_ref
+from services.chunk_fuse.mount_config import MirrorConfig, MountConfig, mount_config_from_document
+from services.chunk_fuse.records import MountRecord, MountSpec, list_records
+from services.chunk_fuse.spawn import start_daemon, stop_mount
+from shared.bus import Bus
+from shared.errors import ConfigError, InvalidRequest, NotFound
+from shared.oci.manifest import Descriptor
+from shared.oci.store import resolve_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ManagedMount:
+    """One of this agent's mounts."""
+
+    id: str
+    image: str
+    digest: str
+    mountpoint: Path
+    pid: int
+    control_socket: Path
+    created_at: float
+    config: MountConfig | None = None
+    process: subprocess.Popen[bytes] | None = None
+    ready_seconds: float | None = None
+    learned_given: int | None = None
+    trace_published: bool = False
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The mount as the API shows it (stats as of the last poll)."""
+        return {
+            "id": self.id,
+            "image": self.image,
+            "digest": self.digest,
+            "mountpoint": str(self.mountpoint),
+            "pid": self.pid,
+            "created_at": self.created_at,
+            "ready_seconds": self.ready_seconds,
+            "learned_prefetch_chunks": self.learned_given,
+            "stats": self.stats,
+        }
+
+    @property
+    def alive(self) -> bool:
+        """Whether the daemon still runs."""
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class MountManager:
+    """Creates, lists and removes mounts; polls them; publishes learned prefetch lists."""
+
+    def __init__(self, config: ChunkFuseConfig, bus: Bus | None) -> None:
+        self.config = config
+        self.bus = bus
+        self.owner = f"agent:{config.node_name}"
+        self.run_dir = config.run_dir
+        self.mounts: dict[str, ManagedMount] = {}
+        self._lock = asyncio.Lock()
+        self._session: aiohttp.ClientSession | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._kv: KeyValue | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt our live mounts and start polling."""
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        for record in list_records(self.run_dir):
+            if record.owner == self.owner:
+                self.mounts[record.id] = self._adopt(record)
+                logger.info(
+                    "adopted mount %s of %s at %s (pid %d)", record.id, record.image, record.mountpoint, record.pid
+                )
+        self._poll_task = asyncio.create_task(self._poll_forever(), name="mount-poll")
+
+    async def stop(self) -> None:
+        """Stop polling (and unmount everything when configured to)."""
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        if self.config.unmount_on_shutdown:
+            for mount_id in list(self.mounts):
+                with contextlib.suppress(Exception):
+                    await self.delete(mount_id, lazy=True)
+        if self._session is not None:
+            await self._session.close()
+
+    @staticmethod
+    def _adopt(record: MountRecord) -> ManagedMount:
+        return ManagedMount(
+            id=record.id,
+            image=record.image,
+            digest=record.digest,
+            mountpoint=record.mountpoint,
+            pid=record.pid,
+            control_socket=record.control_socket,
+            created_at=record.started_at,
+        )
+
+    # -- learned prefetch ---------------------------------------------------------------------------
+
+    async def _bucket(self) -> KeyValue | None:
+        if not self.config.learned_prefetch or self.bus is None or not self.bus.is_connected:
+            return None
+        if self._kv is None:
+            try:
+                self._kv = await learned.bucket(self.bus.nc, replicas=self.config.nats.replicas)
+            except Exception as exc:
+                logger.warning("learned prefetch bucket unavailable: %s", exc)
+                return None
+        return self._kv
+
+    async def _learned_for(self, image: str, config: MountConfig) -> list[int] | None:
+        """The learned list for the image this reference names now (None when unknown or off)."""
+        if not config.learned_prefetch.enable:
+            return None
+        kv = await self._bucket()
+        if kv is None:
+            return None
+        digest = await self._resolve_digest(image, config)
+        if digest is None:
+            return None
+        try:
+            found = await learned.load(kv, digest)
+        except Exception as exc:
+            logger.warning("reading the learned prefetch list of %s failed: %s", digest, exc)
+            return None
+        return found.chunks if found else None
+
+    async def _resolve_digest(self, image: str, config: MountConfig) -> str | None:
+        """The image's manifest digest (for the KV key), through the same backend the daemon will use."""
+        ref = registry_ref(image)
+        if ref.digest:
+            return ref.digest
+        backend = RegistryBackend(config.backend, ref)
+        try:
+            await backend.open()
+
+            async def fetch(desc: Descriptor | None) -> tuple[bytes, str | None]:
+                return await backend.get_manifest(ref.reference if desc is None else desc.digest)
+
+            async def read_small(desc: Descriptor) -> bytes:
+                return await backend.get_blob(desc.digest, desc.size)
+
+            resolved = await resolve_image(str(ref), fetch, read_small, DEFAULT_PLATFORM)
+            return resolved.digest
+        except Exception as exc:
+            logger.info("cannot resolve %s for learned prefetch: %s", image, exc)
+            return None
+        finally:
+            await backend.close()
+
+    async def _publish_trace(self, mount: ManagedMount, trace: dict[str, Any]) -> None:
+        kv = await self._bucket()
+        if kv is None:
+            return
+        chunks = [int(i) for i in trace.get("chunks", [])]
+        mount.trace_published = True
+        if not chunks:
+            return
+        record_seconds = mount.config.learned_prefetch.record_seconds if mount.config else 0.0
+        entry = learned.LearnedList(
+            image_digest=mount.digest, chunks=chunks, recorded_by=self.config.node_name, record_seconds=record_seconds
+        )
+        stored = await learned.publish(kv, entry)
+        logger.info(
+            "learned prefetch list of %s: %d chunks %s",
+            mount.digest,
+            len(chunks),
+            "published" if stored else "not published (one exists)",
+        )
+
+    # -- mounts -------------------------------------------------------------------------------------
+
+    def mount_config(self, document: dict[str, Any] | None) -> MountConfig:
+        """A request's config (native or nydusd) with this node's defaults for what it leaves out."""
+        try:
+            config = mount_config_from_document(document or {}, "request config")
+        except ConfigError as exc:
+            # At this edge a bad config is the caller's mistake, not the agent's.
+            raise InvalidRequest(exc.message) from None
+        updates: dict[str, Any] = {}
+        given = document or {}
+        device = given.get("device")
+        names_cache = "cache" in given or (isinstance(device, dict) and "cache" in device)
+        if not names_cache:
+            cache = config.cache.model_copy(
+                update={"work_dir": self.config.effective_cache_dir, "size_limit": self.config.cache_size_limit}
+            )
+            updates["cache"] = cache
+        if not config.backend.mirrors and self.config.mirror_url:
+            updates["backend"] = config.backend.model_copy(
+                update={"mirrors": [MirrorConfig(host=self.config.mirror_url)]}
+            )
+        return config.model_copy(update=updates) if updates else config
+
+    async def create(
+        self, image: str, mountpoint: Path, document: dict[str, Any] | None, platform: str = "linux/amd64"
+    ) -> ManagedMount:
+        """Mount ``image`` at ``mountpoint``; returns once the mount is ready."""
+        if not mountpoint.is_absolute():
+            raise InvalidRequest(f"mount point {mountpoint} must be an absolute path")
+        config = self.mount_config(document)
+        learned_chunks = await self._learned_for(image, config)
+        spec_args: dict[str, Any] = {
+            "image": image,
+            "mountpoint": mountpoint,
+            "config": config,
+            "platform": platform,
+            "learned_chunks": learned_chunks,
+            "owner": self.owner,
+        }
+        if self.run_dir is not None:
+            spec_args["run_dir"] = self.run_dir
+        spec = MountSpec(**spec_args)
+        async with self._lock:
+            if any(m.mountpoint == mountpoint for m in self.mounts.values()):
+                raise InvalidRequest(f"{mountpoint} is already mounted by this agent")
+            log_path = spec.run_dir / "logs" / f"{spec.id}.log"
+            started = await asyncio.to_thread(start_daemon, spec, log_path=log_path, timeout=self.config.mount_timeout)
+            mount = ManagedMount(
+                id=spec.id,
+                image=image,
+                digest=started.digest,
+                mountpoint=started.spec.mountpoint,
+                pid=started.pid,
+                control_socket=spec.control_socket,
+                created_at=time.time(),
+                config=config,
+                process=started.process,
+                ready_seconds=started.ready_seconds,
+                learned_given=len(learned_chunks) if learned_chunks is not None else None,
+            )
+            self.mounts[mount.id] = mount
+        await self.refresh(mount)
+        logger.info("mounted %s at %s (mount %s, pid %d)", image, mountpoint, mount.id, mount.pid)
+        return mount
+
+    def get(self, mount_id: str) -> ManagedMount:
+        """A mount by id (NotFound otherwise)."""
+        mount = self.mounts.get(mount_id)
+        if mount is None:
+            raise NotFound(f"no mount {mount_id!r}")
+        return mount
+
+    async def delete(self, mount_id: str, *, lazy: bool = False) -> ManagedMount:
+        """Unmount and end the daemon."""
+        mount = self.get(mount_id)
+        await asyncio.to_thread(stop_mount, mount.mountpoint, process=mount.process, lazy=lazy, record=None)
+        if mount.process is None:
+            # An adopted daemon is not our child: wait for it by pid.
+            for _ in range(200):
+                if not mount.alive:
+                    break
+                await asyncio.sleep(0.05)
+        self.mounts.pop(mount_id, None)
+        logger.info("unmounted %s (mount %s)", mount.mountpoint, mount_id)
+        return mount
+
+    # -- polling ------------------------------------------------------------------------------------
+
+    async def _control(self, mount: ManagedMount, path: str) -> dict[str, Any] | None:
+        if self._session is None or not mount.control_socket.exists():
+            return None
+        connector = aiohttp.UnixConnector(path=str(mount.control_socket))
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=5)) as session,
+                session.get(f"http://daemon{path}") as response,
+            ):
+                if response.status != 200:
+                    return None
+                body: dict[str, Any] = await response.json()
+                return body
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None
+
+    async def refresh(self, mount: ManagedMount) -> dict[str, Any]:
+        """Fetch a mount's current stats (kept for /metrics)."""
+        stats = await self._control(mount, "/api/v1/stats")
+        if stats is not None:
+            mount.stats = stats
+        return mount.stats
+
+    async def poll_once(self) -> None:
+        """One round: reap ended daemons, refresh stats, publish finished recordings."""
+        for mount in list(self.mounts.values()):
+            if not mount.alive:
+                logger.warning("mount %s at %s ended (daemon %d gone)", mount.id, mount.mountpoint, mount.pid)
+                self.mounts.pop(mount.id, None)
+                continue
+            await self.refresh(mount)
+            learned_stats = mount.stats.get("learned", {})
+            recorded = learned_stats and not learned_stats.get("given") and not learned_stats.get("recording")
+            if recorded and not mount.trace_published:
+                trace = await self._control(mount, "/api/v1/trace")
+                if trace is not None and trace.get("complete"):
+                    try:
+                        await self._publish_trace(mount, trace)
+                    except Exception as exc:
+                        logger.warning("publishing the learned list of %s failed: %s", mount.digest, exc)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:
+                logger.exception("polling mounts failed")
+            await asyncio.sleep(self.config.poll_seconds)

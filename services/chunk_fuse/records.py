@@ -1,0 +1,131 @@
+"""What a mount daemon is asked to do (its spec) and what it left for others to find (its record).
+
+Every running daemon keeps ``<run_dir>/mounts/<id>.json``: its pid, mount point, image and control socket.
+``damselfly umount`` finds a mount by its mount point there, and an agent that restarts finds the mounts
+it had started.  The daemon writes the record once the mount is ready and removes it when it exits; a
+record whose pid is gone is stale and ignored (and cleaned up by whoever notices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from services.chunk_fuse.mount_config import MountConfig
+
+RUN_DIR_ENV = "DAMSELFLY_RUN_DIR"
+
+
+def run_dir() -> Path:
+    """Where daemons keep records and sockets: $DAMSELFLY_RUN_DIR, /run/damselfly as root, else a user dir."""
+    override = os.environ.get(RUN_DIR_ENV)
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/run/damselfly")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime) / "damselfly" if runtime else Path(tempfile.gettempdir()) / f"damselfly-{os.getuid()}"
+
+
+def new_mount_id() -> str:
+    """A short random id for a mount."""
+    return uuid.uuid4().hex[:12]
+
+
+class MountSpec(BaseModel):
+    """Everything a daemon needs: the image, where to mount it, and how."""
+
+    id: str = Field(default_factory=new_mount_id)
+    image: str
+    mountpoint: Path
+    config: MountConfig = Field(default_factory=lambda: MountConfig.model_validate({}))
+    platform: str = "linux/amd64"
+    learned_chunks: list[int] | None = Field(
+        None, description="Chunks to prefetch first (learned from an earlier cold start); None if none known."
+    )
+    owner: str = Field("cli", description="Who started it: 'cli' or 'agent:<node>'.")
+    run_dir: Path = Field(default_factory=run_dir)
+
+    @property
+    def control_socket(self) -> Path:
+        """The daemon's HTTP API (stats, trace) on a unix socket."""
+        return self.run_dir / "sockets" / f"{self.id}.sock"
+
+    @property
+    def record_path(self) -> Path:
+        """Where the daemon's record lives while it runs."""
+        return self.run_dir / "mounts" / f"{self.id}.json"
+
+
+class MountRecord(BaseModel):
+    """A running daemon, as its record file says."""
+
+    id: str
+    pid: int
+    image: str
+    digest: str
+    mountpoint: Path
+    control_socket: Path
+    owner: str
+    log_path: Path | None = None
+    started_at: float
+
+    @property
+    def alive(self) -> bool:
+        """Whether the daemon process still exists."""
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def write_record(spec: MountSpec, record: MountRecord) -> None:
+    """Write (atomically) the record of a ready mount."""
+    path = spec.record_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(record.model_dump_json())
+    os.replace(tmp, path)
+
+
+def remove_record(spec: MountSpec) -> None:
+    """Remove a mount's record (it is gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        spec.record_path.unlink()
+
+
+def list_records(directory: Path | None = None, *, alive_only: bool = True) -> list[MountRecord]:
+    """The records in the run dir (stale ones, whose daemon died, are deleted unless asked for)."""
+    base = (directory or run_dir()) / "mounts"
+    out = []
+    for path in sorted(base.glob("*.json")):
+        try:
+            record = MountRecord.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+        if alive_only and not record.alive:
+            # A daemon killed outright left its record, socket and spec behind.
+            for leftover in (path, record.control_socket, base.parent / "specs" / f"{record.id}.json"):
+                with contextlib.suppress(FileNotFoundError):
+                    leftover.unlink()
+            continue
+        out.append(record)
+    return out
+
+
+def find_record(mountpoint: Path, directory: Path | None = None) -> MountRecord | None:
+    """The live record of the mount at ``mountpoint``, if any."""
+    target = Path(os.path.realpath(mountpoint))
+    for record in list_records(directory):
+        if Path(os.path.realpath(record.mountpoint)) == target:
+            return record
+    return None

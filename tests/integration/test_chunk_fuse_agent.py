@@ -1,0 +1,213 @@
+"""The chunk-fuse agent: mounts over HTTP, per-mount metrics, learned prefetch over NATS, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.chunk_fuse import learned
+from services.chunk_fuse.app import create_app
+from services.chunk_fuse.config import ChunkFuseConfig
+from services.chunk_fuse.spawn import fusermount, is_mounted
+from shared.bus import Bus
+from shared.nats_server import NatsServer
+from tests.integration.test_chunk_fuse import LazyImage, lazy_python
+from tests.support.services import running, service_config
+
+pytestmark = pytest.mark.integration
+
+__all__ = ["lazy_python"]  # the module-scoped fixture, shared with test_chunk_fuse.py
+
+FILES = [
+    "usr/bin/python3.11",
+    "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "etc/os-release",
+    "usr/lib/python3.11/json/__init__.py",
+]
+
+
+def agent_config(tmp_path: Path, nats_url: str, node: str, **values: Any) -> ChunkFuseConfig:
+    return service_config(
+        ChunkFuseConfig,
+        tmp_path / node,
+        nats_url,
+        node_name=node,
+        run_dir=tmp_path / "run",
+        cache_dir=tmp_path / node / "cache",
+        poll_seconds=0.3,
+        **values,
+    )
+
+
+@contextlib.asynccontextmanager
+async def agent(config: ChunkFuseConfig) -> AsyncIterator[httpx.AsyncClient]:
+    """The agent app in this process (its daemons are real processes, its mounts real FUSE mounts)."""
+    async with running(create_app(config)) as client:
+        yield client
+
+
+async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def read_heads(root: Path) -> None:
+    """What a short-lived start-up does: open a few files and read their beginnings."""
+    for rel in FILES:
+        with open(root / rel, "rb") as handle:
+            handle.read(64 << 10)
+
+
+@contextlib.contextmanager
+def cleanup_mounts(*paths: Path) -> Any:
+    try:
+        yield
+    finally:
+        for path in paths:
+            if is_mounted(path):
+                fusermount(path, lazy=True)
+
+
+@pytest.mark.slow
+async def test_mounts_over_http_metrics_and_a_learned_list_that_the_next_node_prefetches(
+    lazy_python: LazyImage, tmp_path: Path, nats_server: NatsServer, bus_factory: Callable[[str], Awaitable[Bus]]
+) -> None:
+    body_config = {"backend": {"insecure": True}, "learned_prefetch": {"record_seconds": 3}}
+    first_mnt, second_mnt = tmp_path / "a", tmp_path / "b"
+    first_mnt.mkdir()
+    second_mnt.mkdir()
+    bus = await bus_factory("test")
+    with cleanup_mounts(first_mnt, second_mnt):
+        # Node A: the image's first cold start anywhere; it records what the start-up reads.
+        async with agent(agent_config(tmp_path, nats_server.url, "node-a")) as client:
+            response = await client.post(
+                "/api/v1/mounts",
+                json={"image": lazy_python.reference, "mountpoint": str(first_mnt), "config": body_config},
+            )
+            assert response.status_code == 201, response.text
+            mount = response.json()
+            assert mount["learned_prefetch_chunks"] is None
+            await asyncio.to_thread(read_heads, first_mnt)
+
+            kv = await learned.bucket(bus.nc)
+
+            async def published() -> learned.LearnedList | None:
+                return await learned.load(kv, mount["digest"])
+
+            recorded = await wait_for(published, 20, "the learned list to be published")
+            assert recorded.recorded_by == "node-a" and recorded.chunks
+
+            listed = (await client.get("/api/v1/mounts")).json()["mounts"]
+            assert [m["id"] for m in listed] == [mount["id"]]
+            fresh = (await client.get(f"/api/v1/mounts/{mount['id']}")).json()["stats"]
+            assert fresh["reads"]["chunks_fetched"] > 0 and fresh["backend"]["bytes_fetched"] > 0
+            metrics = (await client.get("/metrics")).text
+            labels = f'image="{lazy_python.reference}",mount="{mount["id"]}"'
+            for name in (
+                "damselfly_mount_bytes_fetched_total",
+                "damselfly_mount_chunks_fetched_total",
+                "damselfly_mount_chunks_from_disk_total",
+                "damselfly_mount_prefetch_done_chunks",
+                "damselfly_mount_read_latency_seconds_count",
+            ):
+                assert f"{name}{{{labels}}}" in metrics, name
+            assert "damselfly_mounts 1.0" in metrics
+
+            deleted = await client.delete(f"/api/v1/mounts/{mount['id']}")
+            assert deleted.status_code == 200, deleted.text
+            assert not is_mounted(first_mnt)
+            assert (await client.get("/api/v1/mounts")).json()["mounts"] == []
+            assert (await client.delete(f"/api/v1/mounts/{mount['id']}")).status_code == 404
+
+        # Node B, its own empty cache: it prefetches exactly that list, before anything reads.
+        async with agent(agent_config(tmp_path, nats_server.url, "node-b")) as client:
+            response = await client.post(
+                "/api/v1/mounts",
+                json={"image": lazy_python.reference, "mountpoint": str(second_mnt), "config": body_config},
+            )
+            assert response.status_code == 201, response.text
+            mount = response.json()
+            assert mount["learned_prefetch_chunks"] == len(recorded.chunks)
+
+            async def prefetched() -> dict[str, Any] | None:
+                stats = (await client.get(f"/api/v1/mounts/{mount['id']}")).json()["stats"]
+                return stats if stats["prefetch"]["state"] == "done" else None
+
+            stats = await wait_for(prefetched, 60, "the learned prefetch to finish")
+            assert stats["prefetch"]["planned_chunks"] == len(set(recorded.chunks))
+            assert stats["reads"]["prefetch_chunks_fetched"] == len(set(recorded.chunks))
+            cached = [p for p in (tmp_path / "node-b" / "cache" / "chunks").rglob("*") if p.is_file()]
+            assert len(cached) == len(set(recorded.chunks))
+
+            # The same start-up on node B now needs nothing from the network.
+            await asyncio.to_thread(read_heads, second_mnt)
+            after = (await client.get(f"/api/v1/mounts/{mount['id']}")).json()["stats"]
+            assert after["reads"]["chunks_fetched"] == 0
+            assert (await client.delete(f"/api/v1/mounts/{mount['id']}")).status_code == 200
+
+
+async def test_a_restarted_agent_adopts_its_mounts(
+    lazy_python: LazyImage, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = agent_config(tmp_path, nats_server.url, "node-c")
+    with cleanup_mounts(mnt):
+        async with agent(config) as client:
+            response = await client.post(
+                "/api/v1/mounts",
+                json={
+                    "image": lazy_python.reference,
+                    "mountpoint": str(mnt),
+                    "config": {"backend": {"insecure": True}},
+                },
+            )
+            assert response.status_code == 201, response.text
+            mount_id = response.json()["id"]
+            bad = await client.post("/api/v1/mounts", json={"image": lazy_python.reference, "mountpoint": str(mnt)})
+            assert bad.status_code == 400
+        # The agent is gone; its mount is not (mounts outlive the agent, like nydusd's).
+        assert is_mounted(mnt)
+        assert (mnt / "etc" / "os-release").read_bytes().startswith(b"PRETTY_NAME")
+        async with agent(config) as client:
+            listed = (await client.get("/api/v1/mounts")).json()["mounts"]
+            assert [m["id"] for m in listed] == [mount_id]
+            assert (await client.delete(f"/api/v1/mounts/{mount_id}")).status_code == 200
+        assert not is_mounted(mnt)
+
+
+async def test_a_mount_that_cannot_be_made_is_a_clear_error(tmp_path: Path, nats_server: NatsServer) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    async with agent(agent_config(tmp_path, nats_server.url, "node-d")) as client:
+        missing = await client.post(
+            "/api/v1/mounts",
+            json={
+                "image": "127.0.0.1:1/none/such:tag",
+                "mountpoint": str(mnt),
+                "config": {"backend": {"scheme": "http", "retry_limit": 0}},
+            },
+        )
+        assert missing.status_code == 502, missing.text
+        assert "none/such" in missing.json()["message"] or "127.0.0.1:1" in missing.json()["message"]
+        relative = await client.post("/api/v1/mounts", json={"image": "a/b:c", "mountpoint": "relative/dir"})
+        assert relative.status_code == 400
+        typo = await client.post(
+            "/api/v1/mounts", json={"image": "a/b:c", "mountpoint": str(mnt), "config": {"backend": {"mirorrs": []}}}
+        )
+        assert typo.status_code == 400
+        assert "mirorrs" in typo.json()["message"]
+    assert not is_mounted(mnt)
