@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -17,7 +18,10 @@ def containerd(workdir: Path) -> Iterator[Path]:
     if binary is None:
         raise FileNotFoundError("containerd is not installed: run `make setup` (Debian package containerd)")
     workdir.mkdir(parents=True, exist_ok=True)
-    socket = workdir / "containerd.sock"
+    # A unix socket path may be at most ~104 bytes, and pytest's temp dirs (with xdist's worker names)
+    # are longer than that: the socket lives in a short directory of its own.
+    socket_dir = Path(tempfile.mkdtemp(prefix="ctd-", dir="/tmp"))
+    socket = socket_dir / "c.sock"
     config = workdir / "config.toml"
     config.write_text(
         "version = 2\n"
@@ -45,6 +49,7 @@ def containerd(workdir: Path) -> Iterator[Path]:
             process.wait()
         # Snapshots may leave mounts under root; unmount before the temp dir goes.
         subprocess.run(["sh", "-c", f"grep -o ' {workdir}[^ ]*' /proc/mounts | xargs -r -n1 umount -l"], check=False)
+        shutil.rmtree(socket_dir, ignore_errors=True)
 
 
 def hosts_dir(directory: Path, origin_host: str, mirror_url: str) -> Path:
