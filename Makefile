@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the project runs for real: the origin registry, image tools, FUSE, containerd, nginx.
-DEBIAN_PACKAGES := docker-registry skopeo umoci fuse3 containerd nginx-light iproute2 procps
+DEBIAN_PACKAGES := docker-registry skopeo umoci fuse3 containerd nginx-light iproute2 procps strace
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
@@ -26,8 +26,11 @@ uv: ## Install uv when it is not on the machine.
 	@command -v uv >/dev/null 2>&1 || [ -x "$(UV)" ] || python3 -m pip install --quiet uv || python3 -m pip install --quiet --user uv
 
 .PHONY: sync
-sync: uv ## Create .venv from the committed lock file.
-	@$(UV) sync --frozen --quiet
+sync: uv ## Create .venv from the committed lock file, with bytecode compiled ahead of time.
+	@$(UV) sync --frozen --quiet --compile-bytecode
+	@# Machines here set PYTHONDONTWRITEBYTECODE=1, so without this every `damselfly run` would compile its
+	@# imports from source at each start (measured: 3.9 s -> 2.2 s for a lazy cold start).
+	@.venv/bin/python -m compileall -q services shared bench
 
 .PHONY: setup
 setup: system-deps sync ## Everything the demo and the tests need.
@@ -62,3 +65,11 @@ demo: setup ## The main job: a local cluster on embedded defaults, with a real o
 .PHONY: up
 up: setup ## A local cluster with 2 peers until Ctrl-C (state in .damselfly/).
 	$(UV) run damselfly up --peers 2 --workdir .damselfly --state-file .damselfly/state.json
+
+.PHONY: bench-p2p
+bench-p2p: setup ## P2P benchmark, ~20 min, root (tc shapes lo): bench/results/p2p.{json,md} + charts.
+	$(UV) run python -m bench.p2p_bench
+
+.PHONY: bench
+bench: setup ## Start-up benchmark, six modes, root (tc shapes lo): bench/results/start.{json,md,png}.
+	$(UV) run python -m bench.start_bench $(BENCH_ARGS)

@@ -1,0 +1,198 @@
+"""The start-up benchmark's report: goals, the Markdown table and the seed-style bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.p2p_shaping import parse_rate
+
+#: Every mode in chart order, with its label and the seed's figure (python:3.9.15, read off its chart).
+MODES = ["oci", "oci_skopeo", "lazy_cold", "p2p_cold", "remote_peer_hit", "local_peer_hit", "chunk_cache_hit", "floor"]
+LABELS = {
+    "oci": "OCIv1 (containerd)",
+    "oci_skopeo": "OCIv1 (skopeo+umoci+chroot)",
+    "lazy_cold": "Lazy cold (no P2P)",
+    "p2p_cold": "Lazy + P2P cold",
+    "remote_peer_hit": "Remote peer hit",
+    "local_peer_hit": "Local peer hit",
+    "chunk_cache_hit": "Chunk cache hit",
+    "floor": "Floor: chroot of local unpack",
+}
+SEED_SECONDS = {
+    "oci": 27.1,
+    "lazy_cold": 5.0,
+    "p2p_cold": 5.1,
+    "remote_peer_hit": 4.2,
+    "local_peer_hit": 3.0,
+    "chunk_cache_hit": 0.6,
+}
+SEED_RATIO = {mode: round(seconds / 27.1, 3) for mode, seconds in SEED_SECONDS.items()}
+GOALS = {"p2p_cold": 0.12, "remote_peer_hit": 0.08, "local_peer_hit": 0.05, "chunk_cache_hit": 0.02}
+ORIGIN_BYTES_GOAL = 1.5
+FLOOR_GOAL = 1.5
+
+
+def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal with the measured value, whether it is met, and by what factor it is missed."""
+    modes = doc["summary"]["modes"]
+    goals = []
+    for mode, limit in GOALS.items():
+        if mode in modes:
+            value = modes[mode]["ratio"]
+            goals.append({"goal": f"{mode} / OCIv1 <= {limit}", "value": value, "met": value <= limit,
+                          "missed_by": round(value / limit, 2)})  # fmt: skip
+    if "chunk_cache_hit" in modes and "floor" in modes and modes["floor"]["median_s"]:
+        value = modes["chunk_cache_hit"]["median_s"] / modes["floor"]["median_s"]
+        goals.append({"goal": f"chunk_cache_hit / floor <= {FLOOR_GOAL}", "value": round(value, 2),
+                      "met": value <= FLOOR_GOAL, "missed_by": round(value / FLOOR_GOAL, 2)})  # fmt: skip
+    opened = doc.get("prepare", {}).get("command_opens", {}).get("bytes")
+    if "p2p_cold" in modes and opened:
+        value = modes["p2p_cold"]["origin_bytes"] / opened
+        goals.append({"goal": f"p2p_cold origin bytes / bytes the command opens <= {ORIGIN_BYTES_GOAL}",
+                      "value": round(value, 2), "met": value <= ORIGIN_BYTES_GOAL,
+                      "missed_by": round(value / ORIGIN_BYTES_GOAL, 2)})  # fmt: skip
+    return goals
+
+
+def _mb(value: int | None) -> str:
+    return "" if value is None else f"{value / 1e6:.2f}"
+
+
+def _bytecode(settings: dict[str, Any]) -> str:
+    if settings.get("bytecode_cache"):
+        return (
+            "Damselfly's Python bytecode is cached (`PYTHONPYCACHEPREFIX`, filled by one untimed warm-up run),"
+            " as an installed application's would be; this machine sets `PYTHONDONTWRITEBYTECODE=1`."
+        )
+    return "No bytecode cache: every Python process of `damselfly run` compiles its imports at each start."
+
+
+def _analysis(doc: dict[str, Any]) -> list[str]:
+    """Where the time of the missed goals goes, computed from this run's own figures."""
+    modes = doc["summary"]["modes"]
+    settings = doc["settings"]
+    needed = ("p2p_cold", "lazy_cold", "remote_peer_hit", "local_peer_hit", "chunk_cache_hit", "floor")
+    if not all(mode in modes for mode in needed):
+        return []
+    seconds = {mode: modes[mode]["median_s"] for mode in needed}
+    lines = ["", "## Where the time goes (from the medians above)", ""]
+    p2p_bytes = modes["p2p_cold"].get("origin_bytes", 0)
+    if settings["shaped"]:
+        wire = p2p_bytes * 8 / parse_rate(settings["rate"])
+        lines.append(
+            f"* **Lazy + P2P cold** ({seconds['p2p_cold']:.2f} s against {seconds['lazy_cold']:.2f} s without P2P):"
+            f" the origin sent {p2p_bytes / 1e6:.1f} MB, every blob whole, not the"
+            f" {modes['lazy_cold'].get('origin_bytes', 0) / 1e6:.1f} MB the lazy mount reads without P2P; at"
+            f" {settings['rate']} that alone is {wire:.1f} s on the wire.  The seed-fetcher fetches every missing"
+            " piece of a blob, lowest first, whatever range a peer asked for, so a read deep in a layer waits"
+            " for the seed to reach it."
+        )
+    machinery = seconds["chunk_cache_hit"] - seconds["floor"]
+    lines += [
+        f"* **Chunk cache hit** ({seconds['chunk_cache_hit']:.2f} s against the floor's {seconds['floor']:.2f} s):"
+        f" {machinery:.2f} s is `damselfly run` itself (Python start-up and imports of the CLI and of the mount"
+        " daemon, FUSE mount, sandbox, unmount) with the page cache dropped; no chunk is fetched.  Every lazy"
+        " mode pays it.",
+        f"* **Local peer hit** adds {seconds['local_peer_hit'] - seconds['chunk_cache_hit']:.2f} s (chunks from"
+        " the node's own piece store through its registry-proxy); **remote peer hit** adds"
+        f" {seconds['remote_peer_hit'] - seconds['chunk_cache_hit']:.2f} s (pieces from peer-0 or the seed, and"
+        " the node's proxy pulling whole blobs, see node store growth).",
+    ]
+    return lines
+
+
+def write_markdown(doc: dict[str, Any], path: Path) -> None:
+    """The table (each mode as a ratio of OCIv1 next to the seed's), the goals, the profile and the settings."""
+    summary = doc["summary"]
+    settings = doc["settings"]
+    machine = doc["machine"]
+    shaped = f"origin shaped to {settings['rate']} (tc HTB on lo)" if settings["shaped"] else "no shaping"
+    lines = [
+        f"# Start-up benchmark: `{settings['cmd']}` in six modes",
+        "",
+        f"Image `{settings['image']}`; {shaped}; {settings['peers']} peer nodes; median of {settings['runs']} runs;"
+        f" page cache {settings['page_cache']}.  {_bytecode(settings)}"
+        f"  Machine: {machine['cpu']}, {machine['cores']} cores,"
+        f" {machine['memory_gib']} GiB, Linux {machine['kernel']}; load at start {machine['load_at_start']}."
+        f"  Run {doc['started']} .. {doc['finished']}.  Ratios are of the OCIv1 baseline"
+        f" (`{summary['baseline']}`) measured in the same run; the ratio range is run i of the mode against"
+        " run i of the baseline.",
+        "",
+        "| mode | median s | min-max s | ratio of OCIv1 | ratio range | seed ratio | goal | origin MB"
+        " | origin requests | node store growth MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in [m for m in summary["modes"]]:
+        entry = summary["modes"][mode]
+        goal = GOALS.get(mode)
+        met = "" if goal is None else (f"<= {goal} " + ("met" if entry["ratio"] <= goal else "**missed**"))
+        lines.append(
+            f"| {LABELS.get(mode, mode)} | {entry['median_s']:.2f} | {entry['min_s']:.2f}-{entry['max_s']:.2f}"
+            f" | {entry['ratio']:.3f} | {entry.get('ratio_min', 0):.3f}-{entry.get('ratio_max', 0):.3f}"
+            f" | {SEED_RATIO.get(mode, '')} | {met} | {_mb(entry.get('origin_bytes'))}"
+            f" | {entry.get('origin_requests', '')} | {_mb(entry.get('node_store_growth_bytes'))} |"
+        )
+    opened = doc.get("prepare", {}).get("command_opens", {})
+    lines += [
+        "",
+        "How measured: wall time of the whole command (pull/mount + run + unmount), `time.monotonic` around the"
+        " subprocess.  Origin bytes and requests: the docker-registry's access log lines written during the run"
+        " (GET 200/206 bytes; every GET/HEAD under /v2/).  Bytes from peers: growth of the measuring node's piece"
+        " store on disk (`<cluster>/<peer>/pieces`, the files the cache-store serves) during the run, i.e. what"
+        " the node took in through P2P, from peers or the seed; the seed's own origin fetches show in origin MB."
+        f"  The command opens {opened.get('files', '?')} files, {_mb(opened.get('bytes'))} MB (strace of the"
+        " command in the unpacked chroot).",
+        "",
+        "## Goals",
+        "",
+        "| goal | value | met | measured / goal |",
+        "|---|---|---|---|",
+    ]
+    for goal in doc["goals"]:
+        lines.append(f"| {goal['goal']} | {goal['value']} | {'yes' if goal['met'] else 'no'} | {goal['missed_by']} |")
+    lines += _analysis(doc)
+    for profile in doc.get("profiles", []):
+        lines += ["", f"## Where the time goes: {LABELS.get(profile.get('mode', ''), 'profile')} under py-spy", ""]
+        if "error" in profile:
+            lines.append(f"Profile failed: {profile['error']}")
+            continue
+        lines.append(
+            f"One extra run, {profile['samples']} samples at 250 Hz over every Python process of `damselfly run`"
+            f" ({profile['seconds_under_py_spy']} s under py-spy; samples include idle waits)."
+        )
+        lines += ["", "| process | share of samples |", "|---|---|"]
+        lines += [f"| `{row['frame']}` | {row['share']:.1%} |" for row in profile["processes"][:6]]
+        lines += ["", "| function (inclusive, import machinery left out) | share |", "|---|---|"]
+        lines += [f"| `{row['frame']}` | {row['share']:.1%} |" for row in profile["inclusive"][:12]]
+        lines += ["", "| function (own time) | share |", "|---|---|"]
+        lines += [f"| `{row['frame']}` | {row['share']:.1%} |" for row in profile["own"][:8]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> None:
+    """Horizontal bars of the median seconds per mode, labelled with seconds and ratio, like the seed's chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = doc["summary"]["modes"]
+    names = [m for m in MODES if m in modes]
+    seconds = [modes[m]["median_s"] for m in names]
+    colours = ["#d62728" if m.startswith("oci") else "#7f7f7f" if m == "floor" else "#1f77b4" for m in names]
+    figure, axes = plt.subplots(figsize=(9, 0.55 * len(names) + 1.6))
+    bars = axes.barh([LABELS[m] for m in names], seconds, color=colours)
+    axes.invert_yaxis()
+    for bar, mode, value in zip(bars, names, seconds, strict=True):
+        seed = f", seed {SEED_RATIO[mode]}" if mode in SEED_RATIO and not mode.startswith("oci") else ""
+        axes.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                  f" {value:.2f} s ({modes[mode]['ratio']:.3f}x{seed})", va="center", fontsize=9)  # fmt: skip
+    settings = doc["settings"]
+    shaped = f"origin {settings['rate']}" if settings["shaped"] else "no shaping"
+    axes.set_xlabel("seconds (median)")
+    axes.set_title(f"Time to run `{settings['cmd']}` ({shaped}, {doc['machine']['cores']} cores)")
+    axes.set_xlim(0, max(seconds) * 1.45)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

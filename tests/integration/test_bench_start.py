@@ -1,0 +1,53 @@
+"""The start-up benchmark's harness runs end to end on the python image, so it cannot rot between full runs.
+
+Not a timed test: nothing here asserts a speed. It runs ``python -m bench.start_bench`` as `make bench`
+does, but with one run per mode, ``--no-shape`` (no tc: the loopback qdisc is shared with other tests),
+no containerd mode (skopeo + umoci + chroot is the OCIv1 baseline here) and no py-spy profile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = {"oci_skopeo", "lazy_cold", "p2p_cold", "remote_peer_hit", "local_peer_hit", "chunk_cache_hit", "floor"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="damselfly run, chroot and dropping the page cache need root")
+@pytest.mark.timeout(420)
+def test_the_start_benchmark_writes_json_markdown_and_chart(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    command = [
+        sys.executable, "-m", "bench.start_bench", "--runs", "1", "--no-shape", "--no-containerd", "--no-profile",
+        "--peers", "2", "--out", str(out), "--workdir", str(tmp_path / "work"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=400, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    doc = json.loads((out / "start.json").read_text())
+    assert doc["settings"]["shaped"] is False
+    assert "tc_class_stats" not in doc
+    assert {run["mode"] for run in doc["runs"]} == MODES
+    # Every mode really ran the command in the image.
+    assert all(run["output"].startswith("Python 3.11") for run in doc["runs"]), doc["runs"]
+    modes = doc["summary"]["modes"]
+    assert doc["summary"]["baseline"] == "oci_skopeo"
+    # The harness's own accounting: a cold lazy start reads from the origin, a chunk cache hit reads no chunks.
+    assert modes["lazy_cold"]["origin_bytes"] > 0
+    assert modes["p2p_cold"]["origin_bytes"] > 0
+    assert modes["remote_peer_hit"]["node_store_growth_bytes"] > 0
+    assert modes["chunk_cache_hit"]["origin_bytes"] < modes["lazy_cold"]["origin_bytes"]
+    assert doc["prepare"]["command_opens"]["bytes"] > 0
+    assert {goal["goal"].split(" ")[0] for goal in doc["goals"]} >= {"p2p_cold", "chunk_cache_hit"}
+
+    markdown = (out / "start.md").read_text()
+    assert "## Goals" in markdown and "no shaping" in markdown and "seed ratio" in markdown
+    assert (out / "start.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
