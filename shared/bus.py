@@ -294,6 +294,29 @@ class Bus:
             self.metrics.published.labels(subject=event.subject_base).inc()
         return ack
 
+    async def notify(self, event: Event) -> None:
+        """Send ``event`` on core NATS, not stored: for hints whose loss costs time, never correctness."""
+        headers = {EVENT_HEADER: event.schema_tag()}
+        inject_trace_headers(headers)
+        try:
+            await self.nc.publish(event.subject(), event.to_bytes(), headers=headers)
+        except _CONNECTION_ERRORS as exc:
+            logger.debug("dropped %s: %r", event.name, exc)
+
+    async def listen(self, subject: str, event_type: type[E], handler: Callable[[E], Awaitable[None]]) -> Subscription:
+        """Call ``handler`` with each ``event_type`` message on ``subject`` (core NATS); malformed ones are dropped."""
+
+        async def on_message(message: Msg) -> None:
+            try:
+                event = event_type.from_bytes(message.data)
+            except MalformedMessage as exc:
+                logger.warning("dropped a malformed %s: %s", event_type.name, exc)
+                return
+            assert isinstance(event, event_type)
+            await handler(event)
+
+        return await self.nc.subscribe(subject, cb=on_message)
+
     # --- consuming -------------------------------------------------------------------------------
 
     def consume(self, spec: ConsumerSpec, handler: Handler, *, name: str | None = None) -> None:

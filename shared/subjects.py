@@ -20,6 +20,8 @@ PIECE_ANNOUNCED = f"{PREFIX}.piece.announced"
 PIECE_FAILED = f"{PREFIX}.piece.failed"
 SEED_FETCH_REQUESTED = f"{PREFIX}.seed.fetch.requested"
 SEED_FETCH_COMPLETED = f"{PREFIX}.seed.fetch.completed"
+# Core NATS (not stored): the scheduler tells the seed working on a task which pieces peers wait for.
+SEED_PRIORITY = f"{PREFIX}.seed.priority"
 # Core NATS request/reply (not stored): a peer asks the scheduler where to get pieces from.
 ASSIGNMENT_REQUEST = f"{PREFIX}.scheduler.assign"
 

@@ -40,6 +40,7 @@ from shared.schemas import (
     ParentCandidate,
     PieceAssignment,
     SeedFetchRequested,
+    SeedPriority,
     TaskStatus,
 )
 from shared.tasks import piece_count, piece_size_for
@@ -152,6 +153,10 @@ class AssignmentService:
         if lacking:
             decision, backoff_left = await self._request_seed(request, layout)
             task = self.tasks.find(request.task_id)
+            if missing and request.pieces_wanted is not None:
+                # The seed fetches a blob lowest piece first; a lazy reader deep in a layer would wait
+                # for the seed to get there. Tell the seed which pieces are awaited, in the peer's order.
+                await self.bus.notify(SeedPriority(task_id=request.task_id, pieces=missing[:64]))
 
         status, error = self._status(task, decision, lacking)
         retry_after = 0
@@ -187,10 +192,12 @@ class AssignmentService:
     def _wanted(task: TaskRecord | None, request: AssignmentRequest, layout: Layout | None) -> tuple[list[int], bool]:
         """The piece numbers to assign, and whether they are all of what the requester wants."""
         if request.pieces_wanted is not None:
-            wanted = sorted(set(request.pieces_wanted))
-            if layout is not None and wanted and wanted[-1] >= layout.piece_count:
+            # The requester's order is its priority (the pieces a reader waits for come first): keep it.
+            wanted = list(dict.fromkeys(request.pieces_wanted))
+            highest = max(wanted, default=-1)
+            if layout is not None and highest >= layout.piece_count:
                 raise InvalidRequest(
-                    f"piece {wanted[-1]} out of range (task has {layout.piece_count} pieces)",
+                    f"piece {highest} out of range (task has {layout.piece_count} pieces)",
                     task_id=request.task_id,
                 )
             return wanted, True

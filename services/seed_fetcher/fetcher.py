@@ -9,22 +9,59 @@ only the missing ones are fetched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 
+from shared import subjects
 from shared.bus import Bus
 from shared.errors import BlobDigestMismatch, BusDisposition, DamselflyError, Forbidden, InvalidRequest
 from shared.piece_store import PieceStore
 from shared.ratelimit import TokenBucket
 from shared.registry_client import OriginClient, normalise_origin
-from shared.schemas import PieceAnnounced, PieceSource, SeedFetchCompleted, SeedFetchRequested, TaskRegistered
+from shared.schemas import (
+    PieceAnnounced,
+    PieceSource,
+    SeedFetchCompleted,
+    SeedFetchRequested,
+    SeedPriority,
+    TaskRegistered,
+)
 from shared.tasks import piece_count, piece_range, piece_size_for
 
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK = 4 * 1024 * 1024
+
+
+class PieceQueue:
+    """Pieces still to fetch: lowest number first, except those peers are waiting for, which jump ahead."""
+
+    def __init__(self, numbers: Iterable[int]) -> None:
+        self._pending: dict[int, None] = dict.fromkeys(numbers)
+        self._priority: deque[int] = deque()
+
+    def prioritize(self, numbers: Iterable[int]) -> None:
+        """Fetch ``numbers`` next, in their order (ones already fetched or under way are skipped)."""
+        for number in reversed(list(numbers)):
+            if number in self._pending:
+                self._priority.appendleft(number)
+
+    def next(self) -> int | None:
+        """The next piece to fetch, or None when none is left."""
+        while self._priority:
+            number = self._priority.popleft()
+            if number in self._pending:
+                del self._pending[number]
+                return number
+        if self._pending:
+            number = next(iter(self._pending))
+            del self._pending[number]
+            return number
+        return None
 
 
 class SeedFetcher:
@@ -112,13 +149,18 @@ class SeedFetcher:
             raise
 
     async def _fetch_pieces(self, job: SeedFetchRequested, numbers: list[int], length: int, piece_size: int) -> None:
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for number in numbers:
-            queue.put_nowait(number)
+        queue = PieceQueue(numbers)
+
+        async def prioritize(hint: SeedPriority) -> None:
+            queue.prioritize(hint.pieces)
+
+        # While this blob is fetched, the scheduler names the pieces peers are waiting for.
+        subscription = await self.bus.listen(
+            subjects.for_id(subjects.SEED_PRIORITY, job.task_id), SeedPriority, prioritize
+        )
 
         async def worker() -> None:
-            while not queue.empty():
-                number = queue.get_nowait()
+            while (number := queue.next()) is not None:
                 await self._fetch_piece(job, number, length, piece_size)
 
         workers = [asyncio.create_task(worker()) for _ in range(min(self.parallel_ranges, len(numbers)))]
@@ -127,6 +169,8 @@ class SeedFetcher:
         finally:
             for task in workers:
                 task.cancel()
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
 
     async def _fetch_piece(self, job: SeedFetchRequested, number: int, length: int, piece_size: int) -> None:
         piece = piece_range(number, length, piece_size)

@@ -284,6 +284,26 @@ class SeedFetchCompleted(Event):
         return f"seed.fetch.completed:{self.task_id}:{self.attempt}:{self.seed_id}"
 
 
+class SeedPriority(Event):
+    """Pieces of a task that peers are waiting for and nobody holds yet: the seed fetches them next.
+
+    Sent on core NATS (not stored): it only reorders a fetch in flight, and a lost one costs time, not
+    correctness.
+    """
+
+    name = "seed.priority"
+    subject_base = subjects.SEED_PRIORITY
+
+    task_id: TaskId
+    pieces: list[NonNegative] = Field(max_length=1024)
+
+    def subject(self) -> str:
+        return subjects.for_id(self.subject_base, self.task_id)
+
+    def msg_id(self) -> str:
+        return f"seed.priority:{self.task_id}:{','.join(map(str, self.pieces[:8]))}"
+
+
 # --- download assignment (request/reply) ------------------------------------------------------------
 
 
@@ -366,6 +386,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     PieceFailed,
     SeedFetchRequested,
     SeedFetchCompleted,
+    SeedPriority,
     AssignmentRequest,
     AssignmentReply,
 )
@@ -375,7 +396,7 @@ _BY_TAG: dict[str, type[Event]] = {event_type.schema_tag(): event_type for event
 _BY_SUBJECT_BASE: dict[str, type[Event]] = {
     event_type.subject_base: event_type
     for event_type in EVENT_TYPES
-    if event_type not in (AssignmentRequest, AssignmentReply)
+    if event_type not in (AssignmentRequest, AssignmentReply, SeedPriority)
 }
 
 

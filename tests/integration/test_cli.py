@@ -219,6 +219,6 @@ def test_schemas_export_writes_one_file_per_event(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert "piece.announced.v1.json" in written and len(written) == 10
+    assert "piece.announced.v1.json" in written and len(written) == 11
     schema = orjson.loads((tmp_path / "out" / "piece.announced.v1.json").read_bytes())
     assert schema["x-damselfly-subject"] == "damselfly.v1.piece.announced"

@@ -139,3 +139,31 @@ async def test_a_seed_killed_mid_blob_resumes_and_the_origin_sends_at_most_one_e
             await cluster.stop()
     served = registry.blob_bytes_served(digest, since=mark)
     assert size <= served <= 2 * size, f"origin sent {served} bytes for a {size}-byte blob"
+
+
+async def test_a_range_deep_in_a_blob_is_fetched_by_the_seed_before_the_pieces_ahead_of_it(
+    tmp_path: Path, python_in_origin: tuple[RegistryServer, bytes, str, int]
+) -> None:
+    registry, expected, digest, size = python_in_origin
+    # 2 MB/s per connection (the seed keeps 4 ranges in flight): the whole 51 MB layer takes ~6 s, so a
+    # seed going lowest piece first would make a reader of the last piece wait for all of it.
+    async with throttled(registry.port, 2 * 1024 * 1024) as slow_port:
+        origin = f"http://127.0.0.1:{slow_port}"
+        plan = plan_cluster(tmp_path / "cluster", peers=1, origin=origin)
+        cluster = LocalCluster(plan)
+        try:
+            await cluster.start()
+            task_id = task_id_for_digest(digest)
+            last = size - 1
+            headers = {"X-Dragonfly-Registry": origin, "Range": f"bytes={last - 1000}-{last}"}
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"{plan.peers[0].proxy}/v2/library/python/blobs/{digest}", headers=headers) as response,
+            ):
+                assert response.status == 206
+                assert await response.read() == expected[last - 1000 :]
+            held = node_store(plan, "seed-0").held_pieces(task_id)
+            assert len(held) < 13, "the seed fetched the whole blob before the awaited last piece"
+            assert 12 in held
+        finally:
+            await cluster.stop()

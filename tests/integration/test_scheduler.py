@@ -380,7 +380,8 @@ async def test_answers_wait_for_the_replay_instead_of_asking_the_origin_again(
     await publish(bus, registered(), *(announced(n, "seed-0") for n in range(PIECES)))
     app = create_scheduler(service_config(SchedulerConfig, tmp_path / "s", nats_server.url))
     async with running(app):
-        reply = await bus.request(request("me"), AssignmentReply)
+        # The replay takes a while on a loaded machine; the answer must wait for it, so the client does too.
+        reply = await bus.request(request("me"), AssignmentReply, timeout=20)
     assert reply.status is TaskStatus.AVAILABLE and parents(reply) == {n: ["seed-0"] for n in range(PIECES)}
     assert await seed_jobs(bus) == 0
 

@@ -27,6 +27,7 @@ from shared.schemas import (
     PieceFailureReason,
     SeedFetchCompleted,
     SeedFetchRequested,
+    SeedPriority,
     TaskRegistered,
     TaskStatus,
     event_type_for,
@@ -60,6 +61,7 @@ SAMPLES: list[Event] = [
     ),
     SeedFetchRequested(task_id=TASK, url="http://o/v2/x/blobs/" + DIGEST, requested_by="peer-0"),
     SeedFetchCompleted(task_id=TASK, seed_id="seed-0", ok=True, content_length=10, piece_count=3),
+    SeedPriority(task_id=TASK, pieces=[7, 2]),
     AssignmentRequest(task_id=TASK, peer_id="peer-0", url="http://o/v2/x/blobs/" + DIGEST),
     AssignmentReply(
         task_id=TASK,
@@ -89,7 +91,7 @@ def test_round_trip_through_the_wire_form(event: Event) -> None:
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda event: event.name)
 def test_subjects_are_versioned_and_found_again(event: Event) -> None:
     assert event.subject().startswith("damselfly.v1.")
-    if not isinstance(event, AssignmentRequest | AssignmentReply):
+    if not isinstance(event, AssignmentRequest | AssignmentReply | SeedPriority):
         assert event_type_for(None, event.subject()) is type(event)
     assert event_type_for(event.schema_tag(), event.subject()) is type(event)
 

@@ -122,3 +122,15 @@ def test_digest_task_ids_and_blob_paths() -> None:
         task_id_for_digest("md5:abc")
     assert blob_digest_in(f"/v2/library/python/blobs/{DIGEST}") == DIGEST
     assert blob_digest_in("/v2/library/python/manifests/3.11") is None
+
+
+def test_the_seed_fetches_awaited_pieces_first_then_the_rest_in_order() -> None:
+    from services.seed_fetcher.fetcher import PieceQueue
+
+    queue = PieceQueue(range(6))
+    assert queue.next() == 0
+    queue.prioritize([4, 0, 2])  # 0 is under way already: skipped.
+    assert [queue.next() for _ in range(5)] == [4, 2, 1, 3, 5]
+    assert queue.next() is None
+    queue.prioritize([1])
+    assert queue.next() is None
