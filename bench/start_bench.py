@@ -200,7 +200,13 @@ class Bench:
     async def cluster_round(self, run: int) -> None:
         """Modes 3-6 on a fresh cluster: peer-0 cold, then peer-1 remote hit, local hit, chunk cache hit."""
         cluster_dir = self.work / f"cluster-{run}"
-        plan = plan_cluster(cluster_dir, peers=self.settings.peers, origin=self.origin.url)
+        plan = plan_cluster(
+            cluster_dir,
+            peers=self.settings.peers,
+            origin=self.origin.url,
+            # Lazy nodes read ranges: fetching the rest of each blob would only compete with the reads.
+            prefetch=False,
+        )
         cluster = LocalCluster(plan)
         await cluster.start()
         try:
@@ -255,7 +261,13 @@ class Bench:
         """Profiles of the lazy cold run (the machinery every lazy mode pays) and of P2P cold (fresh cluster)."""
         results = [await asyncio.to_thread(self.profile, "lazy_cold", None)]
         cluster_dir = self.work / "cluster-profile"
-        plan = plan_cluster(cluster_dir, peers=self.settings.peers, origin=self.origin.url)
+        plan = plan_cluster(
+            cluster_dir,
+            peers=self.settings.peers,
+            origin=self.origin.url,
+            # Lazy nodes read ranges: fetching the rest of each blob would only compete with the reads.
+            prefetch=False,
+        )
         cluster = LocalCluster(plan)
         await cluster.start()
         try:

@@ -99,6 +99,7 @@ def plan_cluster(
     seed_port: int | None = None,
     peer_port_base: int | None = None,
     host: str = "127.0.0.1",
+    prefetch: bool = True,
 ) -> ClusterPlan:
     """Decide ports and configs for every process of a local cluster."""
     workdir = workdir.resolve()
@@ -191,6 +192,7 @@ def plan_cluster(
                     "peer_id": name,
                     "port": proxy_port,
                     "registry_mirror": {"url": origin, "dynamic": True},
+                    "prefetch": prefetch,
                     "allowed_registries": [origin],
                     "cache_store_url": upload_url,
                 },

@@ -65,6 +65,9 @@ def up(
     peer_port_base: Annotated[
         int | None, typer.Option(help="Peer i uses BASE+3i (proxy), +1 (upload), +2 (agent); default free ports.")
     ] = None,
+    prefetch: Annotated[
+        bool, typer.Option(help="After a Range request, peers fetch the rest of the blob (download.prefetch).")
+    ] = True,
 ) -> None:
     """Start a whole local cluster: NATS, scheduler, seed-fetcher and N peers, until Ctrl-C."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -77,6 +80,7 @@ def up(
         scheduler_port=scheduler_port,
         seed_port=seed_port,
         peer_port_base=peer_port_base,
+        prefetch=prefetch,
     )
     cluster = LocalCluster(plan, state_file=state_file.resolve() if state_file else None)
     try:
