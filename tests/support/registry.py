@@ -320,6 +320,14 @@ class RegistryServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"barrier request never reached {self.access_log_path}")
             time.sleep(0.01)
+        # Handlers run in goroutines of their own: a request answered before the barrier can still log
+        # after it (seen in CI under load). Wait until the log has been quiet for a moment too.
+        size, quiet_since = self.access_log_path.stat().st_size, time.monotonic()
+        while time.monotonic() - quiet_since < 0.2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+            current = self.access_log_path.stat().st_size
+            if current != size:
+                size, quiet_since = current, time.monotonic()
 
     def mark(self) -> int:
         """Sync, then return a position in the access log; pass it as `since=` to see only later lines."""
