@@ -35,8 +35,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ class Settings:
     shape: bool = True
     workdir: Path | None = None
     profile_warm: bool = False
+    lo_wait_seconds: float = 1800.0
 
     @property
     def size(self) -> int:
@@ -117,6 +119,16 @@ def _first_line(command: list[str]) -> str:
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         return (result.stdout or result.stderr).strip().splitlines()[0]
     return "unknown"
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and the service files that differed from it when the cluster started."""
+    head = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    status = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "services", "shared"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return {"commit": head, "uncommitted_service_files": [line[3:] for line in status.stdout.splitlines()]}
 
 
 def machine_info() -> dict[str, Any]:
@@ -406,17 +418,36 @@ async def bench_warm(
     }
 
 
-@contextlib.contextmanager
-def shaping(settings: Settings, port: int) -> Iterator[LoopbackShaper | None]:
+@contextlib.asynccontextmanager
+async def shaping(settings: Settings, port: int) -> AsyncIterator[LoopbackShaper | None]:
     """The origin's port shaped to ``settings.rate`` for the duration (nothing with --no-shape)."""
     if not settings.shape:
         yield None
         return
     shaper = LoopbackShaper(port, settings.rate)
-    with shaper:
+    waits = 0
+
+    def waiting(existing: list[str]) -> None:
+        nonlocal waits
+        if waits % 12 == 0:  # once a minute
+            log(f"lo has someone else's qdisc ({existing[0]}); waiting up to {settings.lo_wait_seconds:.0f} s")
+        waits += 1
+
+    # In a thread: the wait may be long, and the cluster's supervisor keeps running meanwhile. A
+    # cancellation (Ctrl-C) ends the thread's wait, and removes the qdisc should it have just been added.
+    abandon = threading.Event()
+    try:
+        await asyncio.to_thread(shaper.install, settings.lo_wait_seconds, waiting, abandon)
+    except asyncio.CancelledError:
+        abandon.set()
+        shaper.remove()
+        raise
+    try:
         log(f"shaping 127.0.0.1:{port} (origin) to {settings.rate} with tc HTB on lo")
         yield shaper
-    log("shaping removed")
+    finally:
+        shaper.remove()
+        log("shaping removed")
 
 
 def evaluate_goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -481,6 +512,7 @@ async def run(settings: Settings) -> dict[str, Any]:
         "command": settings.command(),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "machine": machine_info(),
+        "code": code_state(),
         "settings": {
             "size_mib": settings.size_mib,
             "size_bytes": settings.size,
@@ -514,11 +546,16 @@ async def run(settings: Settings) -> dict[str, Any]:
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
                 # Warm first and unshaped: a problem there shows in seconds, not after the long cold rounds.
                 doc["warm"] = await bench_warm(session, origin, plan, pids, settings, work)
-                with shaping(settings, origin.port) as shaper:
+                async with shaping(settings, origin.port) as shaper:
                     doc["direct"] = await bench_direct(session, origin, settings, work)
-                    doc["rounds"] = [
-                        await bench_round(session, origin, plan, pids, n, settings, work) for n in settings.peers
-                    ]
+                    doc["rounds"] = []
+                    for n in settings.peers:
+                        entry = await bench_round(session, origin, plan, pids, n, settings, work)
+                        # Another program's cleanup could have removed our qdisc mid-round: say so in the results.
+                        entry["shaping_intact"] = shaper.intact() if shaper is not None else None
+                        if shaper is not None and not entry["shaping_intact"]:
+                            log(f"  WARNING: the shaping was gone after N={n}; this round ran (partly) unshaped")
+                        doc["rounds"].append(entry)
                     if shaper is not None:
                         doc["tc_class_stats"] = shaper.stats()
             doc["restarts"] = {child.spec.name: child.restarts for child in cluster.children if child.restarts}
@@ -574,6 +611,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--no-shape", action="store_true", help="do not shape the origin (no tc, no root needed)")
     parser.add_argument("--workdir", type=Path, help="keep the servers' files under this directory")
     parser.add_argument(
+        "--lo-wait",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for another program's qdisc on lo to go before giving up (default 1800)",
+    )
+    parser.add_argument(
         "--profile-warm",
         action="store_true",
         help="py-spy the proxy during one more warm fetch (done anyway when the warm goal is missed)",
@@ -598,6 +641,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         shape=not args.no_shape,
         workdir=args.workdir,
         profile_warm=args.profile_warm,
+        lo_wait_seconds=args.lo_wait,
     )
 
 

@@ -60,8 +60,13 @@ def machine_lines(doc: dict[str, Any]) -> list[str]:
     )
     load_start = ", ".join(f"{x:.2f}" for x in machine["load_average_at_start"])
     load_end = ", ".join(f"{x:.2f}" for x in machine.get("load_average_at_end", []))
+    code = doc.get("code", {})
+    dirty = code.get("uncommitted_service_files") or []
+    code_line = f"Code: commit {code.get('commit', '?')}" + (
+        f", with uncommitted changes to {', '.join(f'`{f}`' for f in dirty)}." if dirty else ", clean."
+    )
     return [
-        f"Run {doc['started_at']}, {doc['wall_seconds'] / 60:.1f} min; command: `{doc['command']}`.",
+        f"Run {doc['started_at']}, {doc['wall_seconds'] / 60:.1f} min; command: `{doc['command']}`. {code_line}",
         "",
         f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB RAM, Linux "
         f"{machine['kernel']}, Python {machine['python']}; {machine['docker_registry']}; {machine['nginx']}; "
@@ -108,6 +113,9 @@ def origin_lines(doc: dict[str, Any]) -> list[str]:
             f"| {p['bytes_ratio']:.3f}x | {_requests(p)} |"
         )
     direct = doc["direct"]["origin"]
+    broken = [str(entry["peers"]) for entry in doc["rounds"] if entry.get("shaping_intact") is False]
+    if broken:
+        lines += ["", f"**Warning: the shaping was gone after N={', '.join(broken)}** (removed by another program)."]
     lines += ["", f"Direct pull (1 client, no cache): {direct['bytes']:,} bytes, {_requests(direct)}.", ""]
     return lines
 
@@ -278,7 +286,8 @@ def notes_lines(doc: dict[str, Any]) -> list[str]:
             if profile and profile.get("top_own_frames"):
                 top = ", ".join(f"`{f['frame']}` {f['share']:.0%}" for f in profile["top_own_frames"][:5])
                 lines.append(f"  Top frames by own time (py-spy): {top}.")
-    lines.append("")
+    if missed:
+        lines.append("")
     pt = [(n, rounds[n]["pull_through"]) for n in sorted(rounds)]
     stored = ", ".join(
         f"N={n}: {p['settle']['seconds_after_start']:.0f} s" if p.get("settle", {}).get("blob_stored") else f"N={n}: no"

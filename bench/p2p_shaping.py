@@ -16,6 +16,9 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -26,6 +29,7 @@ _UNIT_BITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 # HTB derives each class's quantum from rate / r2q and warns when that exceeds 200,000 bytes; a fixed
 # quantum of one loopback super-packet (64 KiB GSO) keeps the scheduler fair without the warning.
 _QUANTUM = "65536"
+_WAIT_POLL_SECONDS = 5.0
 
 
 class ShapingError(RuntimeError):
@@ -76,31 +80,50 @@ class LoopbackShaper:
         ]  # fmt: skip
 
     @staticmethod
-    def preflight(device: str = DEVICE) -> None:
-        """Fail now, not minutes into a run, when shaping will be impossible or would clobber a qdisc."""
+    def preflight() -> None:
+        """Fail now, not minutes into a run, when shaping is impossible here (no tc, not root)."""
         if shutil.which("tc") is None:
             raise ShapingError("tc not found (Debian package iproute2); or run with --no-shape")
         if os.geteuid() != 0:
             raise ShapingError("shaping with tc needs root; or run with --no-shape")
-        existing = foreign_qdiscs(device)
-        if existing:
-            raise ShapingError(
-                f"{device} already has a qdisc, refusing to replace it (someone else's shaping?): "
-                + "; ".join(existing)
-            )
 
-    def install(self) -> None:
-        """Install the qdisc, its classes and the filter; refuse when ``lo`` already has a qdisc."""
-        self.preflight(self.device)
-        # Registered before the first command: a half-installed qdisc is removed on exit too.
-        atexit.register(self.remove)
+    def install(
+        self,
+        wait_seconds: float = 0.0,
+        on_wait: Callable[[list[str]], None] | None = None,
+        abandon: threading.Event | None = None,
+    ) -> None:
+        """Install the qdisc, its classes and the filter.
+
+        Never replaces a qdisc someone else put on ``lo`` (other benchmarks on this machine shape it
+        too): waits up to ``wait_seconds`` for it to go, then refuses; setting ``abandon`` ends the wait.
+        """
+        abandon = abandon or threading.Event()
+        self.preflight()
+        deadline = time.monotonic() + wait_seconds
+        while existing := foreign_qdiscs(self.device):
+            if time.monotonic() >= deadline:
+                raise ShapingError(
+                    f"{self.device} already has a qdisc, refusing to replace it (someone else's shaping?): "
+                    + "; ".join(existing)
+                )
+            if on_wait is not None:
+                on_wait(existing)
+            if abandon.wait(_WAIT_POLL_SECONDS):
+                raise ShapingError("abandoned while waiting for lo")
+        root, *rest = self.commands()
+        result = _tc(*root)
+        if result.returncode != 0:
+            # Nothing of ours is installed (another root qdisc won the race, or tc refused): remove nothing.
+            raise ShapingError(f"tc {' '.join(root)} failed: {result.stderr.strip()}")
+        # Registered once the root qdisc is ours: from here on it is removed on every way out.
         self.installed = True
-        for command in self.commands():
+        atexit.register(self.remove)
+        for command in rest:
             result = _tc(*command)
             if result.returncode != 0:
                 self.remove()
-                hint = " (shaping needs root)" if "Operation not permitted" in result.stderr else ""
-                raise ShapingError(f"tc {' '.join(command)} failed{hint}: {result.stderr.strip()}")
+                raise ShapingError(f"tc {' '.join(command)} failed: {result.stderr.strip()}")
 
     def remove(self) -> None:
         """Delete the root qdisc we installed (idempotent; never touches one we did not install)."""
@@ -113,6 +136,13 @@ class LoopbackShaper:
             raise ShapingError(
                 f"could not remove the shaping: {result.stderr.strip()}; run `tc qdisc del dev {self.device} root`"
             )
+
+    def intact(self) -> bool:
+        """Whether our filter is still in place (someone else's cleanup may have deleted the root qdisc)."""
+        if not self.installed:
+            return False
+        # u32 shows "match ip sport P 0xffff" as the port in the high half of the word at offset 20.
+        return f"match {self.port:04x}0000/ffff0000 at 20" in _tc("filter", "show", "dev", self.device).stdout
 
     def stats(self) -> str:
         """``tc -s class show``: bytes and drops per class, for the record."""
