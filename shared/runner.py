@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
 import sys
@@ -64,7 +63,7 @@ def run_service(
     )
     # uvicorn exits the process itself when the lifespan fails; the runner reports why, once.
     with contextlib.suppress(SystemExit):
-        asyncio.run(server.serve())
+        server.run()  # Not asyncio.run(server.serve()): only run() applies loop="uvloop".
     error = getattr(app.state, "startup_error", None)
     if error is not None:
         print(f"{program}: {error.message}", file=sys.stderr)
