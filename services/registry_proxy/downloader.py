@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 LAYOUT_TIMEOUT_SECONDS = 120.0
+# A partial download (no prefetch) waits this long for more ranges before it lets go of its state.
+IDLE_DOWNLOAD_SECONDS = 60.0
 
 
 @dataclass
@@ -217,7 +219,15 @@ class PeerDownloader:
                 if not missing and not in_flight:
                     if len(download.held) == count:
                         await asyncio.to_thread(self.store.mark_completed, request.task_id)
-                    return
+                        return
+                    # Without prefetch only what readers asked for is fetched: stay ready for their next
+                    # ranges (a lazy reader asks many times) rather than start over for each.
+                    download.wakeup.clear()
+                    try:
+                        await asyncio.wait_for(download.wakeup.wait(), IDLE_DOWNLOAD_SECONDS)
+                    except TimeoutError:
+                        return
+                    continue
                 for number in missing:
                     if len(in_flight) >= self.parallel_pieces:
                         break

@@ -117,3 +117,32 @@ async def test_damselfly_get_downloads_any_allowed_url_through_the_node(
         assert not (tmp_path / "out" / "big.bin.damselfly-partial").exists()
     finally:
         await cluster.stop()
+
+
+async def test_without_prefetch_a_node_fetches_only_the_pieces_readers_ask_for(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    from shared.piece_store import PieceStore
+    from shared.tasks import task_id_for_digest
+    from tests.support.images import image_blobs, push_oci_layout, python_image
+
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
+    layer = max(image_blobs(registry.url, "library/python", "3.11"), key=lambda blob: blob.size)
+    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    plan = plan_cluster(tmp_path / "cluster", peers=1, origin=registry.url, prefetch=False)
+    cluster = LocalCluster(plan)
+    try:
+        await cluster.start()
+        url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
+        piece = 4 * 1024 * 1024
+        async with aiohttp.ClientSession() as session:
+            for first in (5 * piece + 10, 9 * piece, 5 * piece + 20):  # the last one is held already
+                headers = {"Range": f"bytes={first}-{first + 999}"}
+                async with session.get(url, headers=headers) as response:
+                    assert response.status == 206 and await response.read() == data[first : first + 1000]
+        pieces = plan.workdir / "peer-0" / "pieces"
+        store = PieceStore(pieces, f"sqlite:///{pieces / 'store.db'}")
+        assert sorted(store.held_pieces(task_id_for_digest(layer.digest))) == [5, 9]
+    finally:
+        await cluster.stop()
