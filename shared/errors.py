@@ -31,6 +31,10 @@ class DamselflyError(Exception):
         self.message = message
         self.details = details
 
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP response for this error carries (none, for most errors)."""
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         """The JSON body an HTTP client receives for this error."""
         body: dict[str, Any] = {"error": self.code, "message": self.message}
@@ -110,6 +114,10 @@ class Unauthorized(DamselflyError):
     http_status = 401
     code = "unauthorized"
     bus_disposition = BusDisposition.TERM
+
+    def http_headers(self) -> dict[str, str]:
+        # RFC 9110: a 401 names the scheme the client should use.
+        return {"WWW-Authenticate": 'Bearer realm="damselfly"'}
 
 
 class RangeNotSatisfiable(DamselflyError):

@@ -213,7 +213,7 @@ def create_service_app(
 
     @app.exception_handler(DamselflyError)
     async def on_damselfly_error(_request: Request, exc: DamselflyError) -> JSONResponse:
-        return JSONResponse(exc.to_json(), status_code=exc.http_status)
+        return JSONResponse(exc.to_json(), status_code=exc.http_status, headers=exc.http_headers())
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,6 +24,8 @@ SEED_FETCH_COMPLETED = f"{PREFIX}.seed.fetch.completed"
 SEED_PRIORITY = f"{PREFIX}.seed.priority"
 # Core NATS request/reply (not stored): a peer asks the scheduler where to get pieces from.
 ASSIGNMENT_REQUEST = f"{PREFIX}.scheduler.assign"
+# Core NATS request/reply: the scheduler asks a seed-fetcher to resolve an image to blobs (preheat).
+IMAGE_RESOLVE_REQUEST = f"{PREFIX}.seed.resolve"
 
 
 def for_id(base: str, ident: str) -> str:

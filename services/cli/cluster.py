@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -61,6 +62,7 @@ class ClusterPlan:
     nats_url: str
     embedded_nats: NatsServer | None
     scheduler_url: str
+    admin_token: str
     seed_fetcher_url: str
     seed_upload_url: str
     peers: list[PeerEndpoints]
@@ -71,6 +73,7 @@ class ClusterPlan:
         return {
             "nats": self.nats_url,
             "scheduler": self.scheduler_url,
+            "admin_token": self.admin_token,
             "seed_fetcher": self.seed_fetcher_url,
             "seed_upload": self.seed_upload_url,
             "peers": [vars(peer) for peer in self.peers],
@@ -100,8 +103,13 @@ def plan_cluster(
     peer_port_base: int | None = None,
     host: str = "127.0.0.1",
     prefetch: bool = True,
+    admin_token: str | None = None,
 ) -> ClusterPlan:
-    """Decide ports and configs for every process of a local cluster."""
+    """Decide ports and configs for every process of a local cluster.
+
+    The scheduler's admin API gets ``admin_token``, or a fresh random one, written to the state file.
+    """
+    admin_token = admin_token or secrets.token_urlsafe(24)
     workdir = workdir.resolve()
     embedded = None
     if nats_url is None:
@@ -117,6 +125,7 @@ def plan_cluster(
         "port": scheduler_port,
         "node_name": "scheduler",
         "workdir": str(workdir / "scheduler"),
+        "api": {"token": admin_token},
     }
     if database_url:
         scheduler_config["database_url"] = database_url
@@ -214,6 +223,7 @@ def plan_cluster(
         nats_url=nats_url,
         embedded_nats=embedded,
         scheduler_url=scheduler_url,
+        admin_token=admin_token,
         seed_fetcher_url=seed_url,
         seed_upload_url=seed_upload_url,
         peers=endpoints,
@@ -305,6 +315,7 @@ class LocalCluster:
     def _write_configs(self) -> None:
         config_dir = self.plan.workdir / "configs"
         config_dir.mkdir(parents=True, exist_ok=True)
+        config_dir.chmod(0o700)  # The scheduler's holds the admin token.
         for spec in self.plan.children:
             (config_dir / f"{spec.name}.yaml").write_text(yaml.safe_dump(spec.config, sort_keys=True))
 
@@ -402,8 +413,10 @@ class LocalCluster:
 
 
 def write_state_file(path: Path, state: dict[str, Any]) -> None:
-    """Write the state atomically, so a reader never sees half a file."""
+    """Write the state atomically, so a reader never sees half a file; only its owner may read it (token)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(orjson.dumps(state, option=orjson.OPT_INDENT_2))
     temporary.replace(path)

@@ -58,7 +58,7 @@ async def run_demo(settings: DemoSettings, console: Console) -> None:
         with console.status(f"starting NATS, the scheduler, a seed and {settings.peers} peers"):
             await cluster.start()
         console.print(f"cluster ready in {time.monotonic() - started:.1f}s; state in {settings.workdir / 'state.json'}")
-        console.print(await cluster_table(plan.scheduler_url, plan.state()))
+        console.print(await cluster_table(plan.scheduler_url, plan.admin_token, plan.state()))
         await pull_through_every_peer(settings, origin, plan.peers, reference, console)
         if settings.keep_running:
             console.print("running; Ctrl-C to stop")
@@ -119,9 +119,13 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
-async def cluster_table(scheduler_url: str, state: dict[str, object]) -> Table:
+async def cluster_table(scheduler_url: str, admin_token: str, state: dict[str, object]) -> Table:
     """The peers as the scheduler sees them, beside their endpoints."""
-    async with aiohttp.ClientSession() as session, session.get(f"{scheduler_url}/api/v1/peers") as response:
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{scheduler_url}/api/v1/peers", headers=headers) as response,
+    ):
         peers = {peer["peer_id"]: peer for peer in await response.json()}
     table = Table(title="Damselfly local cluster")
     for column in ("peer", "state (scheduler)", "registry mirror", "upload / ping", "chunk-fuse agent"):

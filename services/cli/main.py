@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from services.cli import admin as admin_cli
 from services.cli import convert as convert_cli
 from services.cli import mount as mount_cli
 from services.cli import run as run_cli
@@ -162,6 +163,11 @@ def schemas_export(
     for path in export_schemas(directory):
         typer.echo(str(path))
 
+
+# The scheduler's admin API (services/cli/admin.py).
+app.command("peers", epilog=admin_cli.PEERS_EPILOG)(admin_cli.peers)
+app.command("tasks", epilog=admin_cli.TASKS_EPILOG)(admin_cli.tasks)
+app.command("preheat", epilog=admin_cli.PREHEAT_EPILOG)(admin_cli.preheat)
 
 # Lazy-image commands (services/cli/convert.py).
 app.command("convert", epilog=convert_cli.CONVERT_EPILOG)(convert_cli.convert)

@@ -19,6 +19,7 @@ from services.piece_scheduler.handlers import (
     TaskEventHandler,
     sweep_peers,
 )
+from services.piece_scheduler.jobs import JobService, settle_jobs
 from services.piece_scheduler.metrics import SchedulerMetrics
 from services.piece_scheduler.peer_registry import PeerRegistry
 from services.piece_scheduler.replay import StreamReplay
@@ -79,14 +80,27 @@ def create_app(config: SchedulerConfig) -> FastAPI:
                     replays=(peers_replay, tasks_replay),
                 )
                 await assignments.serve()
+                jobs = JobService(
+                    engine=engine,
+                    tasks=tasks,
+                    assignments=assignments,
+                    bus=bus,
+                    resolve_timeout=config.api.preheat_resolve_timeout_seconds,
+                )
+                app.state.jobs = jobs
+                await jobs.resume()
 
                 async with background_tasks(
+                    settle_jobs(jobs, config.sweep_interval_seconds),
                     sweep_peers(handler, config.sweep_interval_seconds),
                     # Bounds the replay wait for readiness too, not only for the first assignment.
                     peers_replay.wait(config.replay_wait_seconds),
                     tasks_replay.wait(config.replay_wait_seconds),
                 ):
-                    yield
+                    try:
+                        yield
+                    finally:
+                        await jobs.close()
         finally:
             engine.dispose()
 
@@ -98,5 +112,6 @@ def create_app(config: SchedulerConfig) -> FastAPI:
     )
     metrics = SchedulerMetrics.create(app.state.metrics.registry, lambda: getattr(app.state, "tasks", None))
     app.state.scheduler_metrics = metrics
+    app.state.admin_api = config.api
     app.include_router(api.router)
     return app

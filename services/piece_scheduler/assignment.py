@@ -52,6 +52,19 @@ QUEUE_GROUP = "schedulers"
 
 
 @dataclass(frozen=True)
+class SeedJob:
+    """What a seed fetch needs to know, from an assignment request or a preheat job."""
+
+    task_id: str
+    url: str
+    digest: str | None
+    content_length: int | None
+    piece_size: int | None
+    authorization: str | None
+    requested_by: str
+
+
+@dataclass(frozen=True)
 class Layout:
     """A task's size and piece layout."""
 
@@ -264,10 +277,28 @@ class AssignmentService:
         return float(min(base * 2 ** (failures - 1), self.config.seed_retry_backoff_max_seconds))
 
     async def _request_seed(self, request: AssignmentRequest, layout: Layout | None) -> tuple[SeedDecision, float]:
-        """Publish the task's one seed fetch unless one is in flight or backing off."""
+        """Publish the task's one seed fetch for an assignment that lacks pieces."""
+        task = self.tasks.find(request.task_id)
+        return await self.request_seed(
+            SeedJob(
+                task_id=request.task_id,
+                url=request.url,
+                digest=request.digest or (task.digest if task else None),
+                content_length=layout.content_length if layout else None,
+                piece_size=layout.piece_size if layout else None,
+                authorization=request.authorization,
+                requested_by=request.peer_id,
+            )
+        )
+
+    async def request_seed(self, job: SeedJob) -> tuple[SeedDecision, float]:
+        """Publish the task's one seed fetch unless one is in flight or backing off.
+
+        Returns what was decided, and with BACKING_OFF the seconds left before another attempt.
+        """
         async with self._seed_lock:
             # Read the task again under the lock: the request before this one may have just started a fetch.
-            task = self.tasks.find(request.task_id)
+            task = self.tasks.find(job.task_id)
             now = time.time()
             if task is not None and task.seed_in_flight:
                 started = task.seed_requested_at
@@ -281,25 +312,25 @@ class AssignmentService:
                     if left > 0:
                         return SeedDecision.BACKING_OFF, left
                 attempt = task.next_attempt if task is not None else 0
-            job = SeedFetchRequested(
-                task_id=request.task_id,
-                url=request.url,
-                digest=request.digest or (task.digest if task else None),
-                content_length=layout.content_length if layout else None,
-                piece_size=layout.piece_size if layout else None,
-                authorization=request.authorization,
-                requested_by=request.peer_id,
+            published = SeedFetchRequested(
+                task_id=job.task_id,
+                url=job.url,
+                digest=job.digest,
+                content_length=job.content_length,
+                piece_size=job.piece_size,
+                authorization=job.authorization,
+                requested_by=job.requested_by,
                 attempt=attempt,
             )
-            ack = await self.bus.publish(job)
-            self.tasks.begin_seed(request.task_id, attempt, url=request.url, digest=job.digest, now=now)
+            ack = await self.bus.publish(published)
+            self.tasks.begin_seed(job.task_id, attempt, url=job.url, digest=job.digest, now=now)
         decision = SeedDecision.QUEUED if ack.duplicate else SeedDecision.PUBLISHED
         if self.metrics:
             self.metrics.seed_fetches.labels(outcome="duplicate" if ack.duplicate else "published").inc()
         logger.info(
             "seed fetch %s",
             decision.value,
-            extra={"task_id": request.task_id, "attempt": attempt, "requested_by": request.peer_id},
+            extra={"task_id": job.task_id, "attempt": attempt, "requested_by": job.requested_by},
         )
         return decision, 0.0
 

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from shared.config import ServiceConfig
+from shared.config import ServiceConfig, StrictModel
 from shared.db import sqlite_url
+
+
+class AdminApiConfig(StrictModel):
+    """Who may use the admin API (``/api/v1``): a bearer token for changes, and optionally for reads."""
+
+    token: SecretStr | None = Field(
+        None, description="Bearer token for mutating endpoints (preheat). Unset: they answer 401."
+    )
+    open_reads: bool = Field(
+        False, description="Serve read endpoints without the token. Without a token configured reads are open."
+    )
+    max_page_size: int = Field(1000, ge=1, description="Largest page a list endpoint returns.")
+    preheat_resolve_timeout_seconds: float = Field(
+        60.0, gt=0, description="How long a seed may take to resolve an image's manifests."
+    )
 
 
 class SchedulerConfig(ServiceConfig):
@@ -45,6 +60,9 @@ class SchedulerConfig(ServiceConfig):
     slow_parent_memory_seconds: float = Field(
         300.0, ge=0, description="A parent judged slow on its last cost is forgiven this long after it."
     )
+
+    # Admin API.
+    api: AdminApiConfig = Field(default_factory=AdminApiConfig)
 
     @property
     def effective_database_url(self) -> str:

@@ -245,6 +245,14 @@ class TaskMap:
         """Every task, sorted by id."""
         return [self._tasks[key] for key in sorted(self._tasks)]
 
+    def pieces_per_holder(self) -> dict[str, int]:
+        """Peer id -> how many pieces it holds across every task (the admin API's peer view)."""
+        counts: Counter[str] = Counter()
+        for task in self._tasks.values():
+            for piece in task.pieces.values():
+                counts.update(task.good_holders(piece))
+        return dict(counts)
+
     def parent(self, peer_id: str) -> ParentStats:
         """What is known about ``peer_id`` as a parent (empty stats when nothing is)."""
         return self._parents.get(peer_id) or ParentStats(peer_id)

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from services.seed_fetcher.config import SeedFetcherConfig
 from services.seed_fetcher.fetcher import SeedFetcher
 from services.seed_fetcher.handlers import SeedJobHandler
+from services.seed_fetcher.resolver import ImageResolver
 from shared.db import database_ready
 from shared.piece_store import PieceStore
 from shared.ratelimit import bucket_for
@@ -42,6 +43,7 @@ def create_app(config: SeedFetcherConfig) -> FastAPI:
                 rate_limit=bucket_for(config.back_to_source_rate_limit_bytes),
             )
             app.state.fetcher = fetcher
+            await ImageResolver(fetcher.origin, config.allowed_registries).serve(runtime.bus)
             runtime.bus.consume(SEED_FETCH_CONSUMER, SeedJobHandler(fetcher), name="seed-fetchers")
             yield
 

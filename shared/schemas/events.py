@@ -377,6 +377,52 @@ class AssignmentReply(Event):
         return f"assignment.reply:{self.task_id}"
 
 
+# --- preheat: image resolution (request/reply) ------------------------------------------------------
+
+
+class ImageResolveRequest(Event):
+    """The scheduler asks a seed-fetcher what an image is made of (only seeds talk to origins)."""
+
+    name = "image.resolve.request"
+    subject_base = subjects.IMAGE_RESOLVE_REQUEST
+
+    image: str = Field(min_length=1, max_length=512, description="HOST[:PORT]/REPO[:TAG|@DIGEST]")
+    platform: str | None = Field(
+        None, max_length=64, description="os/arch[/variant]; None: every platform of an index."
+    )
+    authorization: str | None = None
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+
+    def msg_id(self) -> str:
+        return f"image.resolve:{self.job_id}"
+
+
+class ResolvedBlob(BaseModel):
+    """One blob of a resolved image: a layer or a config, where the origin serves it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    digest: Sha256Digest
+    size: NonNegative
+    media_type: str
+    url: str
+
+
+class ImageResolveReply(Event):
+    """What an image is made of: its manifests and every blob they name, deduplicated."""
+
+    name = "image.resolve.reply"
+    subject_base = subjects.IMAGE_RESOLVE_REQUEST
+
+    image: str
+    manifests: list[Sha256Digest] = Field(description="Image manifests resolved (one per platform).")
+    platforms: list[str]
+    blobs: list[ResolvedBlob]
+
+    def msg_id(self) -> str:
+        return f"image.resolve.reply:{self.image}"
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     PeerRegistered,
     PeerHeartbeat,
@@ -389,14 +435,23 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SeedPriority,
     AssignmentRequest,
     AssignmentReply,
+    ImageResolveRequest,
+    ImageResolveReply,
+)
+
+#: Sent over core NATS only (requests, replies, hints): never stored, always carry their header, and a
+#: request and its reply share one subject, so they are not found by subject.
+CORE_NATS_TYPES: tuple[type[Event], ...] = (
+    AssignmentRequest,
+    AssignmentReply,
+    SeedPriority,
+    ImageResolveRequest,
+    ImageResolveReply,
 )
 
 _BY_TAG: dict[str, type[Event]] = {event_type.schema_tag(): event_type for event_type in EVENT_TYPES}
-# Stored messages are addressed by subject; request/reply share one subject, so they are excluded.
 _BY_SUBJECT_BASE: dict[str, type[Event]] = {
-    event_type.subject_base: event_type
-    for event_type in EVENT_TYPES
-    if event_type not in (AssignmentRequest, AssignmentReply, SeedPriority)
+    event_type.subject_base: event_type for event_type in EVENT_TYPES if event_type not in CORE_NATS_TYPES
 }
 
 

@@ -88,9 +88,10 @@ def processes_mentioning(marker: str) -> list[int]:
     return pids
 
 
-def get(url: str) -> tuple[int, bytes]:
+def get(url: str, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -161,8 +162,10 @@ def test_up_runs_a_ready_cluster_restarts_dead_children_and_stops_cleanly(
         families = {family.name for family in text_string_to_metric_families(body.decode())}
         assert "damselfly_nats_connected" in families
 
-    # The scheduler sees both peers and the seed, announced over NATS by their cache-stores.
-    status, body = get(f"{state['scheduler']}/api/v1/peers")
+    # The scheduler sees both peers and the seed, announced over NATS by their cache-stores; its admin API
+    # wants the token `up` made and wrote to the state file.
+    assert get(f"{state['scheduler']}/api/v1/peers")[0] == 401
+    status, body = get(f"{state['scheduler']}/api/v1/peers", token=state["admin_token"])
     assert sorted((p["peer_id"], p["state"], p["is_seed"]) for p in orjson.loads(body)) == [
         ("peer-0", "active", False),
         ("peer-1", "active", False),

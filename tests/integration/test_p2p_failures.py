@@ -78,7 +78,10 @@ async def test_a_corrupt_piece_on_a_parent_is_detected_reported_and_fetched_else
         assert await fetch_blob(plan.peers[1].proxy, digest) == expected
         async with (
             aiohttp.ClientSession() as session,
-            session.get(f"{plan.scheduler_url}/api/v1/tasks/{task_id}") as response,
+            session.get(
+                f"{plan.scheduler_url}/api/v1/tasks/{task_id}",
+                headers={"Authorization": f"Bearer {plan.admin_token}"},
+            ) as response,
         ):
             view = await response.json()
         # The parent's serving check sees the file changed (its ctime cannot be put back), re-hashes the

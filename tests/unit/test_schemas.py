@@ -16,6 +16,8 @@ from shared.schemas import (
     AssignmentReply,
     AssignmentRequest,
     Event,
+    ImageResolveReply,
+    ImageResolveRequest,
     ParentCandidate,
     PeerHeartbeat,
     PeerInfo,
@@ -25,6 +27,7 @@ from shared.schemas import (
     PieceAssignment,
     PieceFailed,
     PieceFailureReason,
+    ResolvedBlob,
     SeedFetchCompleted,
     SeedFetchRequested,
     SeedPriority,
@@ -32,6 +35,7 @@ from shared.schemas import (
     TaskStatus,
     event_type_for,
 )
+from shared.schemas.events import CORE_NATS_TYPES
 from shared.schemas.export import CHECKED_IN_DIR, export_schemas, stale_schemas
 
 TASK = "ab" * 32
@@ -63,6 +67,13 @@ SAMPLES: list[Event] = [
     SeedFetchCompleted(task_id=TASK, seed_id="seed-0", ok=True, content_length=10, piece_count=3),
     SeedPriority(task_id=TASK, pieces=[7, 2]),
     AssignmentRequest(task_id=TASK, peer_id="peer-0", url="http://o/v2/x/blobs/" + DIGEST),
+    ImageResolveRequest(image="127.0.0.1:5000/team/app:v1", platform="linux/amd64", job_id="job-1"),
+    ImageResolveReply(
+        image="127.0.0.1:5000/team/app:v1",
+        manifests=[DIGEST],
+        platforms=["linux/amd64"],
+        blobs=[ResolvedBlob(digest=DIGEST, size=10, media_type="application/x", url="http://o/v2/a/blobs/x")],
+    ),
     AssignmentReply(
         task_id=TASK,
         status=TaskStatus.SEEDING,
@@ -91,7 +102,7 @@ def test_round_trip_through_the_wire_form(event: Event) -> None:
 @pytest.mark.parametrize("event", SAMPLES, ids=lambda event: event.name)
 def test_subjects_are_versioned_and_found_again(event: Event) -> None:
     assert event.subject().startswith("damselfly.v1.")
-    if not isinstance(event, AssignmentRequest | AssignmentReply | SeedPriority):
+    if type(event) not in CORE_NATS_TYPES:
         assert event_type_for(None, event.subject()) is type(event)
     assert event_type_for(event.schema_tag(), event.subject()) is type(event)
 
