@@ -17,6 +17,7 @@ from services.cli import mount as mount_cli
 from services.cli import run as run_cli
 from services.cli.cluster import LocalCluster, plan_cluster
 from services.cli.demo import DEFAULT_IMAGE_LAYOUT, DemoSettings, run_demo
+from services.cli.init import init_app
 from shared.config import default_workdir
 from shared.errors import DamselflyError
 from shared.schemas.export import export_schemas
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 schemas_app = typer.Typer(help="The bus's event schemas.", no_args_is_help=True)
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(init_app, name="init")
 
 err = Console(stderr=True)
 
