@@ -45,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from services.chunk_fuse.control import mount_stats
-from services.chunk_fuse.spawn import is_mounted
+from services.chunk_fuse.rundir import is_mounted
 from services.cli.origin import LocalOrigin
 from shared.image_format import ConversionOptions
 from shared.oci import ConvertSettings, convert_image, open_store, parse_reference

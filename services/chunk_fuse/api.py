@@ -23,6 +23,8 @@ class MountRequest(BaseModel):
         None, description="Mount config: Damselfly's shape or a nydusd config.json; the node's defaults fill gaps."
     )
     platform: str = Field("linux/amd64", description="OS/ARCH[/VARIANT] to pick from an index.")
+    mirror: str | None = Field(None, description="Like `damselfly mount --mirror`: this mirror, over the config's.")
+    insecure: bool = Field(False, description="Like `--insecure`: the registry speaks plain HTTP or unverified TLS.")
 
 
 def manager(request: Request) -> MountManager:
@@ -33,13 +35,16 @@ def manager(request: Request) -> MountManager:
 
 @router.post("/mounts", status_code=201, summary="Mount an image lazily; answers once the mount is ready.")
 async def create_mount(body: MountRequest, request: Request) -> JSONResponse:
-    mount = await manager(request).create(body.image, body.mountpoint, body.config, body.platform)
+    mount = await manager(request).create(
+        body.image, body.mountpoint, body.config, body.platform, mirror=body.mirror, insecure=body.insecure
+    )
     return JSONResponse(mount.describe(), status_code=201)
 
 
 @router.get("/mounts", summary="This agent's mounts, with their stats as of the last poll.")
 async def list_mounts(request: Request) -> dict[str, Any]:
-    return {"mounts": [m.describe() for m in manager(request).mounts.values()]}
+    mounts = manager(request)
+    return {"mounts": [m.describe() for m in mounts.mounts.values()], "standby": mounts.standby_state()}
 
 
 @router.get("/mounts/{mount_id}", summary="One mount, with fresh stats.")

@@ -26,6 +26,10 @@ class ChunkFuseConfig(ServiceConfig):
     learned_prefetch: bool = Field(True, description="Share learned prefetch lists over NATS (JetStream KV).")
     poll_seconds: float = Field(1.0, gt=0, description="How often mounts' stats and traces are collected.")
     mount_timeout: float = Field(120.0, gt=0, description="Seconds a mount may take to become ready.")
+    warm_standby: bool = Field(
+        True,
+        description="Keep one mount daemon started ahead of need, so a mount does not wait for its imports.",
+    )
     unmount_on_shutdown: bool = Field(
         False, description="Unmount this agent's mounts when it stops (by default they outlive it, like nydusd)."
     )

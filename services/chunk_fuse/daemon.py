@@ -347,10 +347,26 @@ class MountDaemon:
         self.spec.control_socket.unlink(missing_ok=True)
 
 
+#: What a standby writes on its readiness pipe once its imports are done (before any mount's line).
+STANDBY_LINE = b'{"standby": true}\n'
+
+
+def _standby_spec(stdin: Any) -> Path | None:
+    """A warm standby's wait: the spec path its spawner sends on stdin, or None when released (EOF)."""
+    line = stdin.readline()
+    return Path(line.strip()) if line.strip() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the daemon process."""
     parser = argparse.ArgumentParser(prog="damselfly-mount-daemon", description="Serve one lazy image mount.")
-    parser.add_argument("--spec", type=Path, required=True, help="MountSpec JSON file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--spec", type=Path, help="MountSpec JSON file")
+    source.add_argument(
+        "--standby",
+        action="store_true",
+        help="start now, read the MountSpec file's path from stdin later (a warm spare: imports are done)",
+    )
     parser.add_argument("--ready-fd", type=int, help="pipe to write the readiness line to")
     parser.add_argument("--log-file", type=Path, help="where stderr goes (recorded for `damselfly umount`)")
     parser.add_argument("--log-level", default=os.environ.get("DAMSELFLY_LOG_LEVEL", "INFO"))
@@ -362,11 +378,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     # mfusepy logs every errno it returns (ENOENT on lookups of missing names is normal) at DEBUG.
     logging.getLogger("mfusepy").setLevel(logging.WARNING)
-    spec = MountSpec.model_validate_json(args.spec.read_text())
+    spec_path: Path | None = args.spec
+    if args.standby:
+        # Everything this process needs is imported by now (the module's imports are most of a mount's
+        # start-up); a mount handed to it starts serving in milliseconds. Say so, then wait for one.
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, STANDBY_LINE)
+        spec_path = _standby_spec(sys.stdin)
+        if spec_path is None:
+            return 0
+    assert spec_path is not None
+    spec = MountSpec.model_validate_json(spec_path.read_text())
     try:
         return MountDaemon(spec, args.ready_fd, args.log_file).run()
     finally:
-        args.spec.unlink(missing_ok=True)
+        spec_path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

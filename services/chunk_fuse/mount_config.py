@@ -14,15 +14,14 @@ by its ``device`` key.  Keys nydusd knows but that mean nothing here (``mode``, 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from services.chunk_fuse.documents import read_config_document
 from shared.config import StrictModel, default_workdir, describe_validation_error
 from shared.errors import ConfigError
 
@@ -233,16 +232,5 @@ def load_mount_config(path: Path | None) -> MountConfig:
     """Read a mount config file (JSON or YAML, native or nydusd); the defaults without one."""
     if path is None:
         return MountConfig.model_validate({})
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"config error: cannot read {path}: {exc.strerror}") from exc
-    try:
-        document = json.loads(text) if text.lstrip().startswith("{") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config error in {path}: not valid JSON or YAML: {str(exc).splitlines()[0]}") from exc
-    if document is None:
-        document = {}
-    if not isinstance(document, dict):
-        raise ConfigError(f"config error in {path}: the top level must be a mapping")
+    document = read_config_document(path)
     return mount_config_from_document(document, str(path))

@@ -28,7 +28,8 @@ from services.chunk_fuse.config import ChunkFuseConfig
 from services.chunk_fuse.image import DEFAULT_PLATFORM, registry_ref
 from services.chunk_fuse.mount_config import MirrorConfig, MountConfig, mount_config_from_document
 from services.chunk_fuse.records import MountRecord, MountSpec, list_records
-from services.chunk_fuse.spawn import start_daemon, stop_mount
+from services.chunk_fuse.rundir import run_dir as default_run_dir
+from services.chunk_fuse.spawn import Standby, start_daemon, start_standby, stop_mount
 from shared.bus import Bus
 from shared.errors import ConfigError, InvalidRequest, NotFound
 from shared.oci.manifest import Descriptor
@@ -51,6 +52,7 @@ class ManagedMount:
     config: MountConfig | None = None
     process: subprocess.Popen[bytes] | None = None
     ready_seconds: float | None = None
+    image_config: dict[str, Any] = field(default_factory=dict)
     learned_given: int | None = None
     trace_published: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
@@ -65,6 +67,7 @@ class ManagedMount:
             "pid": self.pid,
             "created_at": self.created_at,
             "ready_seconds": self.ready_seconds,
+            "image_config": self.image_config,
             "learned_prefetch_chunks": self.learned_given,
             "stats": self.stats,
         }
@@ -94,6 +97,7 @@ class MountManager:
         self._session: aiohttp.ClientSession | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._kv: KeyValue | None = None
+        self._standby: Standby | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -107,6 +111,7 @@ class MountManager:
                     "adopted mount %s of %s at %s (pid %d)", record.id, record.image, record.mountpoint, record.pid
                 )
         self._poll_task = asyncio.create_task(self._poll_forever(), name="mount-poll")
+        self._refill_standby()
 
     async def stop(self) -> None:
         """Stop polling (and unmount everything when configured to)."""
@@ -118,8 +123,35 @@ class MountManager:
             for mount_id in list(self.mounts):
                 with contextlib.suppress(Exception):
                     await self.delete(mount_id, lazy=True)
+        if self._standby is not None:
+            await asyncio.to_thread(self._standby.release)
+            self._standby = None
         if self._session is not None:
             await self._session.close()
+
+    def _refill_standby(self) -> None:
+        """Start the next standby daemon, unless switched off or one is waiting."""
+        if not self.config.warm_standby or (self._standby is not None and self._standby.alive):
+            return
+        log_path = (self.run_dir or default_run_dir()) / "logs" / f"standby-{os.getpid()}-{time.monotonic_ns()}.log"
+        try:
+            self._standby = start_standby(log_path)
+        except OSError as exc:
+            logger.warning("cannot start a standby mount daemon: %s", exc)
+            self._standby = None
+
+    def standby_state(self) -> dict[str, Any]:
+        """Whether a warm daemon waits for the next mount (so a client can tell a warm node from a cold one)."""
+        standby = self._standby
+        return {
+            "enabled": self.config.warm_standby,
+            "ready": standby is not None and standby.alive and standby.poll_warm(),
+            "pid": standby.process.pid if standby is not None else None,
+        }
+
+    def _take_standby(self) -> Standby | None:
+        standby, self._standby = self._standby, None
+        return standby if standby is not None and standby.alive else None
 
     @staticmethod
     def _adopt(record: MountRecord) -> ManagedMount:
@@ -224,19 +256,35 @@ class MountManager:
                 update={"work_dir": self.config.effective_cache_dir, "size_limit": self.config.cache_size_limit}
             )
             updates["cache"] = cache
-        if not config.backend.mirrors and self.config.mirror_url:
+        # An explicit empty list ("mirrors: []") means straight to the registry: only silence gets the node's.
+        if not config.backend.mirrors and self.config.mirror_url and not _names_mirrors(given):
             updates["backend"] = config.backend.model_copy(
                 update={"mirrors": [MirrorConfig(host=self.config.mirror_url)]}
             )
         return config.model_copy(update=updates) if updates else config
 
     async def create(
-        self, image: str, mountpoint: Path, document: dict[str, Any] | None, platform: str = "linux/amd64"
+        self,
+        image: str,
+        mountpoint: Path,
+        document: dict[str, Any] | None,
+        platform: str = "linux/amd64",
+        *,
+        mirror: str | None = None,
+        insecure: bool = False,
     ) -> ManagedMount:
-        """Mount ``image`` at ``mountpoint``; returns once the mount is ready."""
+        """Mount ``image`` at ``mountpoint``; returns once the mount is ready.
+
+        ``mirror`` and ``insecure`` are the CLI's shortcuts, applied over the config.
+        """
         if not mountpoint.is_absolute():
             raise InvalidRequest(f"mount point {mountpoint} must be an absolute path")
         config = self.mount_config(document)
+        if mirror or insecure:
+            try:
+                config = config.with_shortcuts(mirror=mirror, insecure=insecure)
+            except ValueError as exc:
+                raise InvalidRequest(f"mirror {mirror!r}: {exc}") from None
         learned_chunks = await self._learned_for(image, config)
         spec_args: dict[str, Any] = {
             "image": image,
@@ -253,7 +301,13 @@ class MountManager:
             if any(m.mountpoint == mountpoint for m in self.mounts.values()):
                 raise InvalidRequest(f"{mountpoint} is already mounted by this agent")
             log_path = spec.run_dir / "logs" / f"{spec.id}.log"
-            started = await asyncio.to_thread(start_daemon, spec, log_path=log_path, timeout=self.config.mount_timeout)
+            standby = self._take_standby()
+            try:
+                started = await asyncio.to_thread(
+                    start_daemon, spec, log_path=log_path, timeout=self.config.mount_timeout, standby=standby
+                )
+            finally:
+                self._refill_standby()
             mount = ManagedMount(
                 id=spec.id,
                 image=image,
@@ -265,6 +319,7 @@ class MountManager:
                 config=config,
                 process=started.process,
                 ready_seconds=started.ready_seconds,
+                image_config=started.image_config,
                 learned_given=len(learned_chunks) if learned_chunks is not None else None,
             )
             self.mounts[mount.id] = mount
@@ -343,3 +398,14 @@ class MountManager:
             except Exception:
                 logger.exception("polling mounts failed")
             await asyncio.sleep(self.config.poll_seconds)
+
+
+def _names_mirrors(document: dict[str, Any]) -> bool:
+    """Whether a mount config (native or nydusd) says anything about mirrors."""
+    backend = document.get("backend")
+    if isinstance(backend, dict) and "mirrors" in backend:
+        return True
+    device = document.get("device")
+    nydus_backend = device.get("backend") if isinstance(device, dict) else None
+    nydus_config = nydus_backend.get("config") if isinstance(nydus_backend, dict) else None
+    return isinstance(nydus_config, dict) and "mirrors" in nydus_config

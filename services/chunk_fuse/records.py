@@ -11,31 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
-import uuid
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from services.chunk_fuse.mount_config import MountConfig
-
-RUN_DIR_ENV = "DAMSELFLY_RUN_DIR"
-
-
-def run_dir() -> Path:
-    """Where daemons keep records and sockets: $DAMSELFLY_RUN_DIR, /run/damselfly as root, else a user dir."""
-    override = os.environ.get(RUN_DIR_ENV)
-    if override:
-        return Path(override)
-    if os.geteuid() == 0:
-        return Path("/run/damselfly")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "damselfly" if runtime else Path(tempfile.gettempdir()) / f"damselfly-{os.getuid()}"
-
-
-def new_mount_id() -> str:
-    """A short random id for a mount."""
-    return uuid.uuid4().hex[:12]
+from services.chunk_fuse.rundir import new_mount_id, run_dir
 
 
 class MountSpec(BaseModel):

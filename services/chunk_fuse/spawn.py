@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.chunk_fuse.records import MountRecord, MountSpec, find_record
+from services.chunk_fuse.rundir import is_mounted
 from shared.errors import DamselflyError, DependencyUnavailable, InvalidRequest, NotFound
 
 #: How long a daemon may take from start to a ready mount (bootstrap download included).
@@ -42,22 +43,6 @@ class StartedMount:
     process: subprocess.Popen[bytes]
 
 
-def is_mounted(path: Path) -> bool:
-    """Whether ``path`` is a mount point now (a dead FUSE mount counts too)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            if len(fields) > 4 and _unescape(fields[4]) == target:
-                return True
-    return False
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
 def _log_tail(path: Path | None, lines: int = 8) -> str:
     if path is None:
         return ""
@@ -66,10 +51,93 @@ def _log_tail(path: Path | None, lines: int = 8) -> str:
     return ""
 
 
+@dataclass
+class Standby:
+    """A daemon started ahead of need: its imports are done, it waits on stdin for a mount spec.
+
+    Most of a mount's start-up is Python importing the daemon (aiohttp, pydantic, mfusepy); a node agent
+    keeps one standby so a mount costs only the image's metadata and FUSE's INIT.
+    """
+
+    process: subprocess.Popen[bytes]
+    ready_read_fd: int
+    log_path: Path | None
+    warm: bool = False  # Its imports are done (it said so on the readiness pipe).
+
+    @property
+    def alive(self) -> bool:
+        """Whether it still waits."""
+        return self.process.poll() is None
+
+    def poll_warm(self, timeout: float = 0.0) -> bool:
+        """Whether its imports are done, waiting up to ``timeout`` seconds for it to say so."""
+        if not self.warm and self.alive and (timeout > 0 or _readable(self.ready_read_fd)):
+            # The line is written in one piece, so once the pipe is readable it is all there.
+            line = _read_line(self.ready_read_fd, max(timeout, 1.0))
+            self.warm = bool(line) and '"standby"' in (line or "")
+        return self.warm
+
+    def release(self) -> None:
+        """End it unused (it exits at EOF on stdin)."""
+        with contextlib.suppress(OSError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        with contextlib.suppress(OSError):
+            os.close(self.ready_read_fd)
+
+
+def _spawn(args: list[str], log_path: Path | None, *, stdin: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A daemon process and the read end of its readiness pipe."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    log: IO[bytes] | int = log_path.open("ab") if log_path is not None else subprocess.DEVNULL
+    command = [sys.executable, "-m", "services.chunk_fuse.daemon", *args, "--ready-fd", str(write_fd)]
+    if log_path is not None:
+        command += ["--log-file", str(log_path)]
+    try:
+        process = subprocess.Popen(
+            command,
+            pass_fds=(write_fd,),
+            stdin=stdin,
+            stdout=log,
+            stderr=log,
+            # Its own session: the daemon outlives the command that started it, and a Ctrl-C in that
+            # terminal does not reach it.
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+        if not isinstance(log, int):
+            log.close()
+    return process, read_fd
+
+
+def start_standby(log_path: Path | None = None) -> Standby:
+    """Start a standby daemon (returns at once; it imports in the background)."""
+    process, read_fd = _spawn(["--standby"], log_path, stdin=subprocess.PIPE)
+    return Standby(process=process, ready_read_fd=read_fd, log_path=log_path)
+
+
 def start_daemon(
-    spec: MountSpec, *, log_path: Path | None = None, timeout: float = DEFAULT_READY_TIMEOUT
+    spec: MountSpec,
+    *,
+    log_path: Path | None = None,
+    timeout: float = DEFAULT_READY_TIMEOUT,
+    standby: Standby | None = None,
 ) -> StartedMount:
-    """Start a daemon for ``spec`` and wait until its mount is ready (MountFailed with its reason if not)."""
+    """Start a daemon for ``spec`` (or hand it to ``standby``) and wait until its mount is ready.
+
+    MountFailed with its reason if it is not. A standby's log file is the mount's log.
+    """
     mountpoint = Path(os.path.abspath(spec.mountpoint))
     if not mountpoint.is_dir():
         raise InvalidRequest(f"mount point {mountpoint} is not a directory")
@@ -79,36 +147,18 @@ def start_daemon(
     spec_path = spec.run_dir / "specs" / f"{spec.id}.json"
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(spec.model_dump_json())
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-    read_fd, write_fd = os.pipe()
-    log: IO[bytes] | int = log_path.open("ab") if log_path is not None else subprocess.DEVNULL
-    command = [
-        sys.executable,
-        "-m",
-        "services.chunk_fuse.daemon",
-        "--spec",
-        str(spec_path),
-        "--ready-fd",
-        str(write_fd),
-    ]
-    if log_path is not None:
-        command += ["--log-file", str(log_path)]
-    try:
-        process = subprocess.Popen(
-            command,
-            pass_fds=(write_fd,),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            # Its own session: the daemon outlives the command that started it, and a Ctrl-C in that
-            # terminal does not reach it.
-            start_new_session=True,
-        )
-    finally:
-        os.close(write_fd)
-        if not isinstance(log, int):
-            log.close()
+    process: subprocess.Popen[bytes] | None = None
+    if standby is not None and standby.alive and standby.process.stdin is not None:
+        # Its "imports done" line comes first on the pipe; the mount's line is the next one.
+        standby.poll_warm(timeout)
+        try:
+            standby.process.stdin.write(f"{spec_path}\n".encode())
+            standby.process.stdin.close()
+            process, read_fd, log_path = standby.process, standby.ready_read_fd, standby.log_path
+        except OSError:  # It died between the check and the write: start one the usual way.
+            standby.release()
+    if process is None:
+        process, read_fd = _spawn(["--spec", str(spec_path)], log_path, stdin=subprocess.DEVNULL)
     try:
         line = _read_line(read_fd, timeout)
     finally:
@@ -135,6 +185,10 @@ def start_daemon(
         log_path=log_path,
         process=process,
     )
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _read_line(fd: int, timeout: float) -> str | None:

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
+from services.chunk_fuse.documents import read_config_document
 from services.chunk_fuse.mount_config import MountConfig, load_mount_config
 from services.chunk_fuse.records import MountSpec
 from services.chunk_fuse.spawn import StartedMount, start_daemon, stop_mount
-from shared.errors import DamselflyError, DependencyUnavailable, UpstreamError
-
-err = Console(stderr=True)
+from services.cli.agent_client import create_mount
+from services.cli.options import ConfigOpt, InsecureOpt, MirrorOpt, PlatformOpt, fail
+from shared.errors import DamselflyError
 
 MOUNT_EPILOG = (
     "Examples:\n\n"
@@ -32,28 +29,6 @@ MOUNT_EPILOG = (
     "  damselfly mount 127.0.0.1:5000/app:lazy /mnt/app --agent http://127.0.0.1:65003 --output-json"
 )
 UMOUNT_EPILOG = "Examples:\n\n  damselfly umount /mnt/python\n\n  damselfly umount /mnt/python --lazy"
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option("--config", help="Mount config: Damselfly's (YAML/JSON) or a nydusd config.json.", show_default=False),
-]
-MirrorOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--mirror",
-        envvar="DAMSELFLY_MIRROR",
-        help="The node's registry-proxy, tried before the registry (default: straight to the registry).",
-        show_default=False,
-    ),
-]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="The registry speaks plain HTTP or unverified TLS.")]
-PlatformOpt = Annotated[str, typer.Option("--platform", help="OS/ARCH\\[/VARIANT] to pick from an index.")]
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one error line and return the Exit to raise."""
-    err.print(Text.assemble(("error: ", "bold red"), " ".join(message.split())), soft_wrap=True)
-    return typer.Exit(code)
 
 
 def effective_config(config: Path | None, mirror: str | None, insecure: bool) -> MountConfig:
@@ -69,28 +44,24 @@ def mount_here(
     return start_daemon(spec, log_path=spec.run_dir / "logs" / f"{spec.id}.log")
 
 
-def mount_through_agent(agent: str, image: str, mountpoint: Path, config: MountConfig) -> dict[str, Any]:
-    """Ask the node agent to mount; its answer (the mount's description)."""
-    body = {"image": image, "mountpoint": str(mountpoint.absolute()), "config": config.model_dump(mode="json")}
-    request = urllib.request.Request(
-        f"{agent.rstrip('/')}/api/v1/mounts",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+def mount_through_agent(
+    agent: str, image: str, mountpoint: Path, config: Path | None, mirror: str | None, insecure: bool, platform: str
+) -> dict[str, Any]:
+    """Ask the node agent to mount; its answer (the mount's description).
+
+    The config file goes as written: the agent validates it, and what it leaves out (the mirror, the
+    chunk cache) the node decides.
+    """
+    document = read_config_document(config) if config is not None else None
+    return create_mount(
+        agent,
+        image,
+        str(mountpoint.absolute()),
+        config=document,
+        mirror=mirror,
+        insecure=insecure,
+        platform=platform,
     )
-    try:
-        with urllib.request.urlopen(request, timeout=180) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-            return answer
-    except urllib.error.HTTPError as exc:
-        text = exc.read().decode(errors="replace")
-        try:
-            message = json.loads(text).get("message") or text
-        except ValueError:
-            message = text
-        raise UpstreamError(f"agent {agent}: {message}") from None
-    except OSError as exc:
-        raise DependencyUnavailable(f"agent {agent} unreachable: {exc}") from exc
 
 
 def mount(
@@ -110,10 +81,10 @@ def mount(
 ) -> None:
     """Mount a converted image lazily at MOUNTPOINT; returns once it is ready, a daemon serves it."""
     try:
-        settings = effective_config(config, mirror, insecure)
         if agent:
-            result = mount_through_agent(agent, image, mountpoint, settings)
+            result = mount_through_agent(agent, image, mountpoint, config, mirror, insecure, platform)
         else:
+            settings = effective_config(config, mirror, insecure)
             started = mount_here(image, mountpoint, settings, platform=platform)
             result = {
                 "id": started.spec.id,

@@ -23,9 +23,12 @@ from typing import Annotated, Any
 
 import typer
 
-from services.chunk_fuse.records import new_mount_id, run_dir
-from services.chunk_fuse.spawn import StartedMount, is_mounted, stop_mount
-from services.cli.mount import ConfigOpt, InsecureOpt, MirrorOpt, PlatformOpt, effective_config, fail, mount_here
+# Light imports only: this module is on the path of every container start (see services/cli/entry.py).
+# The mount daemon's machinery is imported where a mount of our own is made.
+from services.chunk_fuse.documents import read_config_document
+from services.chunk_fuse.rundir import is_mounted, new_mount_id, run_dir
+from services.cli.agent_client import create_mount, delete_mount
+from services.cli.options import ConfigOpt, InsecureOpt, MirrorOpt, PlatformOpt, fail
 from shared.errors import DamselflyError, InvalidRequest
 
 RUN_EPILOG = (
@@ -119,10 +122,11 @@ def _forwarded_signals(child: subprocess.Popen[bytes]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def run_in_image(started: StartedMount, state_dir: Path, cmd: Sequence[str]) -> int:
-    """Run ``cmd`` in the mounted image; its exit status (128+N when killed by signal N)."""
-    lower = started.spec.mountpoint
-    config = started.image_config
+def run_in_image(lower: Path, config: dict[str, Any], state_dir: Path, cmd: Sequence[str]) -> int:
+    """Run ``cmd`` in the image mounted at ``lower`` (``config`` its runtime config); its exit status.
+
+    A command killed by signal N gives 128+N.
+    """
     user = resolve_user(lower, str(config.get("User") or ""))
     spec = {
         "lower": str(lower),
@@ -154,6 +158,15 @@ def run(
     mirror: MirrorOpt = None,
     insecure: InsecureOpt = False,
     platform: PlatformOpt = "linux/amd64",
+    agent: Annotated[
+        str | None,
+        typer.Option(
+            "--agent",
+            envvar="DAMSELFLY_AGENT",
+            help="Let this node agent serve the mount (its warm daemon starts at once).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a command in a lazily mounted image (writable overlay, own mount namespace, chroot)."""
     command = list(cmd or [])
@@ -162,19 +175,24 @@ def run(
         command = command[1:]
     if os.geteuid() != 0:
         raise fail("damselfly run needs root (mount namespaces, overlayfs, chroot)")
+    state_dir = run_dir() / "run" / new_mount_id()
+    lower = state_dir / "lower"
+    if agent:
+        raise typer.Exit(_run_through_agent(agent, image, config, mirror, insecure, platform, state_dir, command))
+
+    from services.chunk_fuse.spawn import StartedMount, stop_mount
+    from services.cli.mount import effective_config, mount_here
+
     try:
         settings = effective_config(config, mirror, insecure)
     except DamselflyError as exc:
         raise fail(exc.message) from None
-    state_dir = run_dir() / "run" / new_mount_id()
-    lower = state_dir / "lower"
-    for sub in ("lower", "rw", "merged"):
-        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+    _make_state_dir(state_dir)
     started: StartedMount | None = None
     code = 1
     try:
         started = mount_here(image, lower, settings, platform=platform, owner="run")
-        code = run_in_image(started, state_dir, command)
+        code = run_in_image(lower, started.image_config, state_dir, command)
     except DamselflyError as exc:
         raise fail(exc.message) from None
     finally:
@@ -188,3 +206,52 @@ def run(
         if started is not None and started.log_path is not None and code == 0:
             started.log_path.unlink(missing_ok=True)
     raise typer.Exit(code)
+
+
+def _make_state_dir(state_dir: Path) -> None:
+    for sub in ("lower", "rw", "merged"):
+        (state_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+def _run_through_agent(
+    agent: str,
+    image: str,
+    config: Path | None,
+    mirror: str | None,
+    insecure: bool,
+    platform: str,
+    state_dir: Path,
+    command: list[str],
+) -> int:
+    """The node agent mounts (from its warm standby daemon), the command runs, the agent unmounts.
+
+    The config file goes to the agent as written; it validates it (a bad key comes back as the error).
+    """
+    lower = state_dir / "lower"
+    mount_id: str | None = None
+    try:
+        document = read_config_document(config) if config is not None else None
+        _make_state_dir(state_dir)
+        mounted = create_mount(
+            agent, image, str(lower), config=document, mirror=mirror, insecure=insecure, platform=platform
+        )
+        mount_id = str(mounted["id"])
+        return run_in_image(lower, dict(mounted.get("image_config") or {}), state_dir, command)
+    except DamselflyError as exc:
+        raise fail(exc.message) from None
+    finally:
+        if mount_id is not None:
+            with contextlib.suppress(DamselflyError):
+                delete_mount(agent, mount_id, lazy=True)
+        if not is_mounted(lower):
+            shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def run_command(args: list[str]) -> None:
+    """``damselfly run ARGS`` as a one-command CLI (the same options, help and exit codes)."""
+    app = typer.Typer(add_completion=False)
+    app.command(
+        epilog=RUN_EPILOG,
+        context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+    )(run)
+    app(args=args, prog_name="damselfly run")

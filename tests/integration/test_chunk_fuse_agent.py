@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,10 +19,12 @@ import pytest
 from services.chunk_fuse import learned
 from services.chunk_fuse.app import create_app
 from services.chunk_fuse.config import ChunkFuseConfig
-from services.chunk_fuse.spawn import fusermount, is_mounted
+from services.chunk_fuse.rundir import is_mounted
+from services.chunk_fuse.spawn import fusermount
 from shared.bus import Bus
 from shared.nats_server import NatsServer
 from tests.integration.test_chunk_fuse import LazyImage, lazy_python
+from tests.support.cluster import local_cluster
 from tests.support.services import running, service_config
 
 pytestmark = pytest.mark.integration
@@ -211,3 +217,64 @@ async def test_a_mount_that_cannot_be_made_is_a_clear_error(tmp_path: Path, nats
         assert typo.status_code == 400
         assert "mirorrs" in typo.json()["message"]
     assert not is_mounted(mnt)
+
+
+@pytest.mark.slow
+async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_python: LazyImage, tmp_path: Path) -> None:
+    registry = lazy_python.registry
+    env = {**os.environ, "DAMSELFLY_RUN_DIR": str(tmp_path / "cli-run")}
+
+    def damselfly(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=1) as plan:
+        node = plan.peers[0].agent
+        async with httpx.AsyncClient(base_url=node, timeout=30) as client:
+
+            async def standby_ready() -> dict[str, Any] | None:
+                state: dict[str, Any] = (await client.get("/api/v1/mounts")).json()["standby"]
+                return state if state["ready"] else None
+
+            first = await wait_for(standby_ready, 60, "the agent's standby daemon to finish its imports")
+            assert first["enabled"] and first["pid"]
+
+            # `damselfly mount --agent`: the mount is served by the standby that was waiting.
+            mountpoint = tmp_path / "mnt"
+            mountpoint.mkdir()
+            with cleanup_mounts(mountpoint):
+                mounted = await asyncio.to_thread(
+                    damselfly, "mount", "--agent", node, "--insecure", "--output-json", lazy_python.reference,
+                    str(mountpoint),
+                )  # fmt: skip
+                assert mounted.returncode == 0, mounted.stderr
+                description = json.loads(mounted.stdout)
+                assert description["pid"] == first["pid"]
+                assert description["image_config"]["Env"], description
+                assert (mountpoint / "usr" / "bin" / "python3.11").is_file()
+                second = await wait_for(standby_ready, 60, "the next standby")
+                assert second["pid"] != first["pid"]
+                deleted = await client.delete(f"/api/v1/mounts/{description['id']}")
+                assert deleted.status_code == 200 and not is_mounted(mountpoint)
+
+            # `damselfly run --agent`: the command's output, the mount gone afterwards, a standby again.
+            await wait_for(standby_ready, 60, "a standby before the run")
+            config = tmp_path / "run.json"
+            config.write_text(json.dumps({"cache": {"work_dir": str(tmp_path / "run-cache")}}))
+            ran = await asyncio.to_thread(
+                damselfly, "run", "--agent", node, "--insecure", "--config", str(config), lazy_python.reference,
+                "--", "sh", "-c", "python3 -V; exit 3",
+            )  # fmt: skip
+            assert (ran.returncode, ran.stdout.startswith("Python 3.11")) == (3, True), ran.stderr
+            assert (await client.get("/api/v1/mounts")).json()["mounts"] == []
+            assert not list((tmp_path / "cli-run" / "run").iterdir())
+            assert (tmp_path / "run-cache").is_dir()  # The config's chunk cache, not the node's.
+            await wait_for(standby_ready, 60, "a standby after the run")
+
+            # The agent validates the config it is sent: a typo is the caller's error, named.
+            config.write_text(json.dumps({"cache": {"wrok_dir": "/tmp/x"}}))
+            bad = await asyncio.to_thread(
+                damselfly, "run", "--agent", node, "--config", str(config), lazy_python.reference, "--", "true"
+            )
+            assert bad.returncode == 1 and "wrok_dir" in bad.stderr, bad.stderr
