@@ -37,14 +37,14 @@ setup: system-deps sync ## Everything the demo and the tests need.
 
 .PHONY: lint
 lint: sync ## ruff (lint + format check) and mypy (strict on shared/).
-	$(UV) run ruff check shared services tests bench
-	$(UV) run ruff format --check shared services tests bench
+	$(UV) run ruff check shared services tests bench helm
+	$(UV) run ruff format --check shared services tests bench helm
 	$(UV) run mypy
 
 .PHONY: fmt
 fmt: sync ## Format and auto-fix.
-	$(UV) run ruff format shared services tests bench
-	$(UV) run ruff check --fix shared services tests bench
+	$(UV) run ruff format shared services tests bench helm
+	$(UV) run ruff check --fix shared services tests bench helm
 
 .PHONY: schemas
 schemas: sync ## Regenerate the checked-in JSON Schemas of the bus events.
