@@ -9,11 +9,14 @@ Page cache dropped before every timed run (all modes, the floor too). Modes, med
 
 1. ``oci``: a fresh containerd pulls the original image (no mirror) and ``ctr run --rm`` runs the command;
    ``oci_skopeo``: ``skopeo copy`` + ``umoci unpack`` + chroot, a second OCIv1 reference.
-2. ``lazy_cold``: ``damselfly run`` straight from the origin, empty chunk cache.
+2. ``lazy_cold``: ``damselfly run`` on the last peer, straight from the origin (no mirror), empty chunk cache.
 3. ``p2p_cold``: ``damselfly run --mirror`` peer-0's proxy, on a fresh cluster (every store empty).
 4. ``remote_peer_hit``: then on peer-1 through its proxy: peer-0 and the seed hold the pieces.
 5. ``local_peer_hit``: peer-1 again, its piece store full, a new empty chunk cache.
 6. ``chunk_cache_hit``: peer-1 again with the chunk cache of run 5.
+Lazy modes run as on a node of a cluster: ``damselfly run --agent`` lets the node's chunk-fuse agent serve
+the mount from its warm standby daemon, and the node is in its steady state when the clock starts (the
+standby has finished its imports), as a node that has been up a while is.
 ``floor``: the command in a chroot of the image unpacked on local disk.
 
 Results: ``<out>/start.json``, ``<out>/start.md``, ``<out>/start.png``.
@@ -59,6 +62,7 @@ from bench.start_modes import (
     run_env,
     tree_bytes,
     umoci_unpack,
+    wait_for_standby,
     write_run_config,
 )
 from bench.start_report import MODES, evaluate, write_chart, write_markdown
@@ -172,8 +176,17 @@ class Bench:
         damselfly_run(self.lazy, warm, self.settings.cmd, None, self.run_env)
         return {"convert_seconds": round(convert_seconds, 1), "command_opens": opened}
 
-    def measure(self, mode: str, run: int, action: Callable[[], Timed], peer_store: Path | None = None) -> Timed:
+    def measure(
+        self,
+        mode: str,
+        run: int,
+        action: Callable[[], Timed],
+        peer_store: Path | None = None,
+        agent: str | None = None,
+    ) -> Timed:
         """Drop caches, mark the origin's log, run ``action``, record everything."""
+        if agent is not None:
+            wait_for_standby(agent)  # Untimed: the node's steady state.
         dropped = drop_caches()
         before = tree_bytes(peer_store) if peer_store else 0
         self.origin_log.mark()
@@ -192,13 +205,14 @@ class Bench:
         log(f"{mode} #{run}: {timed.seconds:.2f}s {timed.output!r} origin {record['origin_bytes']} B")
         return timed
 
-    def lazy_run(self, cache: Path, mirror: str | None) -> Callable[[], Timed]:
-        """One ``damselfly run`` with the chunk cache at ``cache``."""
-        config = write_run_config(self.work / f"run-{cache.name}.json", cache)
-        return lambda: damselfly_run(self.lazy, config, self.settings.cmd, mirror, self.run_env)
+    def lazy_run(self, cache: Path, mirror: str | None, agent: str | None = None) -> Callable[[], Timed]:
+        """One ``damselfly run`` with the chunk cache at ``cache`` (straight to the origin without ``mirror``)."""
+        config = write_run_config(self.work / f"run-{cache.name}.json", cache, direct=mirror is None)
+        return lambda: damselfly_run(self.lazy, config, self.settings.cmd, mirror, self.run_env, agent=agent)
 
     async def cluster_round(self, run: int) -> None:
-        """Modes 3-6 on a fresh cluster: peer-0 cold, then peer-1 remote hit, local hit, chunk cache hit."""
+        """Modes 2-6 on a fresh cluster: the last peer without P2P; peer-0 cold, then peer-1 remote hit,
+        local hit, chunk cache hit."""
         cluster_dir = self.work / f"cluster-{run}"
         plan = plan_cluster(
             cluster_dir,
@@ -210,16 +224,20 @@ class Bench:
         cluster = LocalCluster(plan)
         await cluster.start()
         try:
-            peer0, peer1 = plan.peers[0], plan.peers[1]
+            peer0, peer1, last = plan.peers[0], plan.peers[1], plan.peers[-1]
             caches = self.work / f"caches-{run}"
             steps = [
-                ("p2p_cold", caches / "p0", peer0.proxy, cluster_dir / peer0.name / "pieces"),
-                ("remote_peer_hit", caches / "p1a", peer1.proxy, cluster_dir / peer1.name / "pieces"),
-                ("local_peer_hit", caches / "p1b", peer1.proxy, cluster_dir / peer1.name / "pieces"),
-                ("chunk_cache_hit", caches / "p1b", peer1.proxy, cluster_dir / peer1.name / "pieces"),
+                # No mirror: nothing of this node's goes through P2P, so it leaves the others' stores alone.
+                ("lazy_cold", caches / "direct", None, last),
+                ("p2p_cold", caches / "p0", peer0.proxy, peer0),
+                ("remote_peer_hit", caches / "p1a", peer1.proxy, peer1),
+                ("local_peer_hit", caches / "p1b", peer1.proxy, peer1),
+                ("chunk_cache_hit", caches / "p1b", peer1.proxy, peer1),
             ]
-            for mode, cache, mirror, store in steps:
-                await asyncio.to_thread(self.measure, mode, run, self.lazy_run(cache, mirror), store)
+            for mode, cache, mirror, node in steps:
+                action = self.lazy_run(cache, mirror, node.agent)
+                store = cluster_dir / node.name / "pieces"
+                await asyncio.to_thread(self.measure, mode, run, action, store, node.agent)
         finally:
             await cluster.stop()
             shutil.rmtree(cluster_dir, ignore_errors=True)
@@ -237,7 +255,6 @@ class Bench:
                 self.measure, "oci_skopeo", run,
                 lambda: oci_skopeo_umoci(self.original, self.work / "skopeo", settings.cmd, self.env),
             )  # fmt: skip
-            await asyncio.to_thread(self.measure, "lazy_cold", run, self.lazy_run(self.work / f"cold-{run}", None))
             await self.cluster_round(run)
             await asyncio.to_thread(self.measure, "floor", run, self.floor)
 
@@ -247,19 +264,38 @@ class Bench:
         output = chroot_run(self.rootfs, self.settings.cmd, self.env)
         return Timed(time.monotonic() - started, output.strip().splitlines()[0] if output.strip() else "")
 
-    def profile(self, mode: str, mirror: str | None) -> dict[str, Any]:
-        """One extra run of a lazy mode under py-spy (CLI, mount daemon, sandbox), its top costs."""
+    def profile(self, mode: str, mirror: str | None, agent: str) -> dict[str, Any]:
+        """One extra run of a lazy mode under py-spy: the CLI and its sandbox, and the agent's mount daemon."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-        raw = self.work / f"profile-{mode}.txt"
-        config = write_run_config(self.work / f"run-profile-{mode}.json", self.work / f"cache-profile-{mode}")
+        raw_cli = self.work / f"profile-{mode}-cli.txt"
+        raw_daemon = self.work / f"profile-{mode}-daemon.txt"
+        cache = self.work / f"cache-profile-{mode}"
+        config = write_run_config(self.work / f"run-profile-{mode}.json", cache, direct=mirror is None)
+        daemon_pid = wait_for_standby(agent)
         drop_caches()
-        prefix = [spy, "record", "--subprocesses", "--rate", "250", "--format", "raw", "-o", str(raw), "--"]
-        timed = damselfly_run(self.lazy, config, self.settings.cmd, mirror, self.run_env, prefix=prefix)
-        return {"mode": mode, "seconds_under_py_spy": round(timed.seconds, 2), **top_costs(raw)}
+        # The standby daemon serves this run's mount and exits when it is unmounted; py-spy follows it.
+        daemon_spy = subprocess.Popen(
+            [spy, "record", "--pid", str(daemon_pid), "--rate", "250", "--format", "raw", "-o", str(raw_daemon)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)  # py-spy attaches before the clock starts.
+        prefix = [spy, "record", "--subprocesses", "--rate", "250", "--format", "raw", "-o", str(raw_cli), "--"]
+        try:
+            timed = damselfly_run(
+                self.lazy, config, self.settings.cmd, mirror, self.run_env, prefix=prefix, agent=agent
+            )
+        finally:
+            try:
+                daemon_spy.wait(30)
+            except subprocess.TimeoutExpired:
+                daemon_spy.send_signal(signal.SIGINT)
+                daemon_spy.wait(30)
+        costs = top_costs([(raw_cli, "services.cli (damselfly run)"), (raw_daemon, "mount daemon (agent's standby)")])
+        return {"mode": mode, "seconds_under_py_spy": round(timed.seconds, 2), **costs}
 
     async def profiles(self) -> list[dict[str, Any]]:
         """Profiles of the lazy cold run (the machinery every lazy mode pays) and of P2P cold (fresh cluster)."""
-        results = [await asyncio.to_thread(self.profile, "lazy_cold", None)]
         cluster_dir = self.work / "cluster-profile"
         plan = plan_cluster(
             cluster_dir,
@@ -270,17 +306,20 @@ class Bench:
         )
         cluster = LocalCluster(plan)
         await cluster.start()
+        results = []
         try:
-            results.append(await asyncio.to_thread(self.profile, "p2p_cold", plan.peers[0].proxy))
+            results.append(await asyncio.to_thread(self.profile, "lazy_cold", None, plan.peers[-1].agent))
+            results.append(await asyncio.to_thread(self.profile, "p2p_cold", plan.peers[0].proxy, plan.peers[0].agent))
         finally:
             await cluster.stop()
             shutil.rmtree(cluster_dir, ignore_errors=True)
         return results
 
 
-def top_costs(raw: Path, count: int = 12) -> dict[str, Any]:
+def top_costs(raws: list[tuple[Path, str]], count: int = 12) -> dict[str, Any]:
     """Samples per process, and by inclusive and own function, from py-spy's collapsed stacks.
 
+    ``raws`` are py-spy outputs, each with the name of the process a stack without a process frame is of.
     Frames of the import machinery and of runpy are left out of the function tables (imports show as the
     module they load), so the tables name our code and the libraries it calls.
     """
@@ -288,9 +327,13 @@ def top_costs(raw: Path, count: int = 12) -> dict[str, Any]:
     inclusive: dict[str, int] = {}
     processes: dict[str, int] = {}
     total = 0
-    if not raw.exists():
-        return {"samples": 0, "processes": [], "own": [], "inclusive": []}
-    for line in raw.read_text(errors="replace").splitlines():
+    lines = [
+        (line, default)
+        for raw, default in raws
+        if raw.exists()
+        for line in raw.read_text(errors="replace").splitlines()
+    ]
+    for line, default in lines:
         stack, _, number = line.rpartition(" ")
         if not number.isdigit():
             continue
@@ -301,9 +344,11 @@ def top_costs(raw: Path, count: int = 12) -> dict[str, Any]:
         marks = [i for i, frame in enumerate(frames) if frame.startswith("process ")]
         if marks:
             match = re.search(r"-m (\S+)", frames[marks[-1]])
-            name = match.group(1) if match else "services.cli (damselfly run)"
+            name = match.group(1) if match else default
             processes[name] = processes.get(name, 0) + samples
             frames = frames[marks[-1] + 1 :]
+        else:
+            processes[default] = processes.get(default, 0) + samples
         # "func (path:line)" -> "func (path)": costs add up per function, not per line.
         frames = [re.sub(r":\d+\)$", ")", frame) for frame in frames if "<frozen" not in frame]
         if not frames:

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +171,44 @@ def oci_containerd(reference: str, work: Path, cmd: Sequence[str], name: str) ->
     return Timed(seconds, _first_line(output))
 
 
-def write_run_config(path: Path, cache_dir: Path) -> Path:
-    """A ``damselfly run`` config whose chunk cache is ``cache_dir`` (so each mode picks its cache)."""
-    path.write_text(json.dumps({"cache": {"work_dir": str(cache_dir)}}))
+def write_run_config(path: Path, cache_dir: Path, *, direct: bool = False) -> Path:
+    """A ``damselfly run`` config whose chunk cache is ``cache_dir`` (so each mode picks its cache).
+
+    ``direct``: no mirror at all, straight to the origin (a node agent would otherwise add its own proxy).
+    """
+    document: dict[str, Any] = {"cache": {"work_dir": str(cache_dir)}}
+    if direct:
+        document["backend"] = {"mirrors": []}
+    path.write_text(json.dumps(document))
     return path
 
 
-def damselfly_run_command(reference: str, config: Path, cmd: Sequence[str], mirror: str | None) -> list[str]:
-    """The ``damselfly run`` command line of one lazy mode."""
+def damselfly_run_command(
+    reference: str, config: Path, cmd: Sequence[str], mirror: str | None, agent: str | None = None
+) -> list[str]:
+    """The ``damselfly run`` command line of one lazy mode (through the node's agent when given)."""
     command = [*CLI, "run", "--insecure", "--config", str(config)]
     if mirror:
         command += ["--mirror", mirror]
+    if agent:
+        command += ["--agent", agent]
     return [*command, reference, "--", *cmd]
+
+
+def wait_for_standby(agent: str, timeout: float = 120.0) -> int:
+    """Wait until the node agent's standby daemon has its imports done (a node in its steady state).
+
+    Returns the standby's pid: the process that will serve the next mount.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(f"{agent}/api/v1/mounts", timeout=10) as response:
+            standby = json.loads(response.read())["standby"]
+        if standby["ready"]:
+            return int(standby["pid"])
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the agent at {agent} has no warm standby daemon after {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 def run_env(run_dir: Path, pycache: Path | None) -> dict[str, str]:
@@ -205,9 +232,10 @@ def damselfly_run(
     mirror: str | None,
     env: dict[str, str],
     prefix: Sequence[str] = (),
+    agent: str | None = None,
 ) -> Timed:
     """``damselfly run`` of the converted image (through ``mirror`` when given), timed end to end."""
-    command = [*prefix, *damselfly_run_command(reference, config, cmd, mirror)]
+    command = [*prefix, *damselfly_run_command(reference, config, cmd, mirror, agent)]
     started = time.monotonic()
     output = _run(command, "damselfly run", env=env)
     return Timed(time.monotonic() - started, _first_line(output))
