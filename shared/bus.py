@@ -335,33 +335,63 @@ class Bus:
     async def _consume_loop(self, spec: ConsumerSpec, handler: Handler, label: str) -> None:
         subscription: JetStreamContext.PullSubscription | None = None
         backoff = 0.1
-        while not self._closing:
+        # With concurrency > 1 each message is handled in a task of its own, at most that many at once;
+        # a message is only fetched when a slot is free, so the server redelivers nothing we sit on.
+        slots = asyncio.Semaphore(spec.concurrency)
+        handling: set[asyncio.Task[None]] = set()
+
+        async def handle(message: Msg) -> None:
             try:
-                if subscription is None:
-                    consumer_name = await self._declare_consumer(spec)
-                    subscription = await self.js.pull_subscribe_bind(
-                        durable=spec.durable, stream=spec.stream.name, name=consumer_name
-                    )
+                await self._deliver(spec, handler, label, message)
+            finally:
+                slots.release()
+
+        try:
+            while not self._closing:
                 try:
-                    messages = await subscription.fetch(spec.batch, timeout=1.0)
+                    if subscription is None:
+                        consumer_name = await self._declare_consumer(spec)
+                        subscription = await self.js.pull_subscribe_bind(
+                            durable=spec.durable, stream=spec.stream.name, name=consumer_name
+                        )
+                    if spec.concurrency == 1:
+                        try:
+                            messages = await subscription.fetch(spec.batch, timeout=1.0)
+                        except nats.errors.TimeoutError:
+                            continue
+                        backoff = 0.1
+                        for message in messages:
+                            await self._deliver(spec, handler, label, message)
+                        continue
+                    await slots.acquire()
+                    try:
+                        [message] = await subscription.fetch(1, timeout=1.0)
+                    except BaseException:
+                        slots.release()
+                        raise
+                    backoff = 0.1
+                    task = asyncio.create_task(handle(message), name=f"{label}-message")
+                    handling.add(task)
+                    task.add_done_callback(handling.discard)
                 except nats.errors.TimeoutError:
                     continue
-                backoff = 0.1
-                for message in messages:
-                    await self._deliver(spec, handler, label, message)
-            except asyncio.CancelledError:
-                raise
-            except nats.js.errors.NotFoundError:
-                # The consumer is gone (server lost its store, or an ephemeral one expired): recreate.
-                await self._drop_subscription(subscription)
-                subscription = None
-            except _RETRYABLE_ERRORS as exc:
-                logger.debug("consumer %s waiting for NATS: %r", label, exc)
-                if not self.is_connected:
+                except asyncio.CancelledError:
+                    raise
+                except nats.js.errors.NotFoundError:
+                    # The consumer is gone (server lost its store, or an ephemeral one expired): recreate.
                     await self._drop_subscription(subscription)
                     subscription = None
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                except _RETRYABLE_ERRORS as exc:
+                    logger.debug("consumer %s waiting for NATS: %r", label, exc)
+                    if not self.is_connected:
+                        await self._drop_subscription(subscription)
+                        subscription = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+        finally:
+            for task in list(handling):
+                task.cancel()
+            await asyncio.gather(*handling, return_exceptions=True)
 
     async def _drop_subscription(self, subscription: JetStreamContext.PullSubscription | None) -> None:
         if subscription is not None:

@@ -86,6 +86,7 @@ class HttpMetrics:
 class ServiceMetrics:
     """The metrics every service has; services add their own to ``registry``."""
 
+    service: str
     registry: CollectorRegistry
     bus: BusMetrics
     http: HttpMetrics
@@ -97,7 +98,13 @@ class ServiceMetrics:
         registry = CollectorRegistry()
         up = Gauge("damselfly_service_info", "Constant 1, labelled with the service.", ["service"], registry=registry)
         up.labels(service=service).set(1)
-        return cls(registry=registry, bus=BusMetrics.create(registry), http=HttpMetrics.create(registry), up=up)
+        return cls(
+            service=service,
+            registry=registry,
+            bus=BusMetrics.create(registry),
+            http=HttpMetrics.create(registry),
+            up=up,
+        )
 
 
 def render(registry: CollectorRegistry) -> bytes:

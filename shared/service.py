@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
@@ -26,7 +27,7 @@ from shared.config import ServiceConfig
 from shared.errors import DamselflyError, MalformedMessage
 from shared.metrics import CONTENT_TYPE_LATEST, ServiceMetrics, render
 from shared.subjects import StreamSpec
-from shared.telemetry import extract_trace_context, setup_tracing, tracer
+from shared.telemetry import extract_trace_context, service_scope, setup_tracing, tracer
 
 logger = logging.getLogger(__name__)
 
@@ -129,9 +130,14 @@ class ObservabilityMiddleware:
             finally:
                 self._count(scope, method, status_holder["status"])
             return
-        with tracer().start_as_current_span(
-            f"{method} {path}", context=extract_trace_context(headers), kind=SpanKind.SERVER
-        ) as span:
+        # The caller's traceparent makes this span a child of its client span: one trace across services.
+        # The service scope names this service on the spans of the request and of the tasks it starts.
+        with (
+            service_scope(self.metrics.service),
+            tracer().start_as_current_span(
+                f"{method} {path}", context=extract_trace_context(headers), kind=SpanKind.SERVER
+            ) as span,
+        ):
             span.set_attribute("http.request.method", method)
             span.set_attribute("url.path", path)
             try:
@@ -192,6 +198,14 @@ def record_startup_errors(
     return wrapped
 
 
+# FastAPI 0.165+ traces every request itself once a tracer provider is installed: a second server span
+# beside ObservabilityMiddleware's, and spans for every probe and scrape. The middleware's span is the
+# one kept (route names, the service's name on it, probes left out); older FastAPI has no such option.
+_NO_NATIVE_TRACING: dict[str, Any] = (
+    {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+)
+
+
 def create_service_app(
     config: ServiceConfig,
     lifespan: Callable[[FastAPI], Any],
@@ -205,6 +219,7 @@ def create_service_app(
         description=description,
         version="0.1.0",
         lifespan=record_startup_errors(lifespan),
+        **_NO_NATIVE_TRACING,
     )
     metrics = ServiceMetrics.create(config.service)
     app.state.metrics = metrics

@@ -109,6 +109,9 @@ class ConsumerSpec:
     confirm_ack: bool = False
     # Redelivery delays for nak'd messages, by delivery count (last one repeats).
     nak_delays_seconds: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
+    # Messages handled at once. 1 keeps stream order (folds need it); jobs that wait on the network
+    # (a seed fetching a layer, or idling for a lazy reader's next range) must not queue behind each other.
+    concurrency: int = 1
     description: str = ""
 
 
@@ -123,5 +126,6 @@ SEED_FETCH_CONSUMER = ConsumerSpec(
     max_ack_pending=8,
     batch=1,
     confirm_ack=True,
+    concurrency=8,
     description="Seed fetch jobs, shared by every seed-fetcher.",
 )

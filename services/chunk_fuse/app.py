@@ -33,12 +33,9 @@ def create_app(config: ChunkFuseConfig) -> FastAPI:
             mounts = MountManager(config, runtime.bus)
             await mounts.start()
             app.state.mounts = mounts
-            collector = MountCollector(mounts)
-            runtime.metrics.registry.register(collector)
             try:
                 yield
             finally:
-                runtime.metrics.registry.unregister(collector)
                 await mounts.stop()
 
     app = create_service_app(
@@ -47,5 +44,7 @@ def create_app(config: ChunkFuseConfig) -> FastAPI:
         title="Damselfly chunk-fuse agent",
         description="Lazy FUSE mounts of converted images, reading chunks through the P2P mirror.",
     )
+    # Registered with the app, not in the lifespan, so the families are there from the first scrape.
+    app.state.metrics.registry.register(MountCollector(lambda: getattr(app.state, "mounts", None)))
     app.include_router(router)
     return app

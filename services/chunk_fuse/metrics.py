@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -21,15 +21,22 @@ def _num(stats: dict[str, Any], *path: str) -> float:
 
 
 class MountCollector(Collector):
-    """Exports what each mount fetched, served from cache and prefetched, and its read latencies."""
+    """Exports what each mount fetched, served from cache and prefetched, and its read latencies.
 
-    def __init__(self, manager: MountManager) -> None:
+    The FUSE daemons are processes of their own; the agent polls their stats (``poll_seconds``) and
+    this collector turns the last poll into metrics, so the agent's ``/metrics`` covers every mount.
+    ``manager`` gives the agent's mount manager, None before its lifespan has started it.
+    """
+
+    def __init__(self, manager: Callable[[], MountManager | None]) -> None:
         self.manager = manager
 
     def collect(self) -> Iterator[Metric]:
         """One sample per mount and metric, from the last poll."""
+        manager = self.manager()
+        managed = list(manager.mounts.values()) if manager is not None else []
         mounts = GaugeMetricFamily("damselfly_mounts", "Lazy mounts this agent serves.")
-        mounts.add_metric([], len(self.manager.mounts))
+        mounts.add_metric([], len(managed))
         yield mounts
         counters = {
             "bytes_fetched": ("Bytes fetched from the network (mirror or origin).", ("backend", "bytes_fetched")),
@@ -60,7 +67,7 @@ class MountCollector(Collector):
         latency = HistogramMetricFamily(
             "damselfly_mount_read_latency_seconds", "Latency of FUSE reads.", labels=_LABELS
         )
-        for mount in list(self.manager.mounts.values()):
+        for mount in managed:
             labels = [mount.id, mount.image]
             stats = mount.stats
             for name, (_, path) in counters.items():

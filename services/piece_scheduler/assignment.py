@@ -48,6 +48,8 @@ from shared.tasks import piece_count, piece_size_for
 logger = logging.getLogger(__name__)
 
 SUBJECT = subjects.ASSIGNMENT_REQUEST
+# An on-demand seed job names at most this many pieces (the schema's limit); hints add the rest.
+MAX_ON_DEMAND_PIECES = 1024
 QUEUE_GROUP = "schedulers"
 
 
@@ -62,6 +64,7 @@ class SeedJob:
     piece_size: int | None
     authorization: str | None
     requested_by: str
+    pieces: tuple[int, ...] | None = None  # On demand: only these (None: the whole blob).
 
 
 @dataclass(frozen=True)
@@ -164,12 +167,17 @@ class AssignmentService:
         decision: SeedDecision | None = None
         backoff_left = 0.0
         if lacking:
-            decision, backoff_left = await self._request_seed(request, layout)
+            # A requester that names its pieces (a lazy reader's ranges) gets an on-demand fetch of those:
+            # the origin sends what is read, not the whole layer.
+            on_demand = missing[:MAX_ON_DEMAND_PIECES] if request.pieces_wanted is not None and missing else None
+            decision, backoff_left = await self._request_seed(request, layout, on_demand)
             task = self.tasks.find(request.task_id)
-            if missing and request.pieces_wanted is not None:
-                # The seed fetches a blob lowest piece first; a lazy reader deep in a layer would wait
-                # for the seed to get there. Tell the seed which pieces are awaited, in the peer's order.
-                await self.bus.notify(SeedPriority(task_id=request.task_id, pieces=missing[:64]))
+            if missing:
+                # The seed fetches lowest piece first; a reader deep in a layer would wait for it to get
+                # there. Tell the seed in flight which pieces are awaited, in the peer's order, and whether
+                # this peer wants the whole blob (which turns an on-demand fetch into a full one).
+                hint = SeedPriority(task_id=request.task_id, pieces=missing[:64], whole=request.pieces_wanted is None)
+                await self.bus.notify(hint)
 
         status, error = self._status(task, decision, lacking)
         retry_after = 0
@@ -276,8 +284,10 @@ class AssignmentService:
         base = self.config.seed_retry_backoff_seconds
         return float(min(base * 2 ** (failures - 1), self.config.seed_retry_backoff_max_seconds))
 
-    async def _request_seed(self, request: AssignmentRequest, layout: Layout | None) -> tuple[SeedDecision, float]:
-        """Publish the task's one seed fetch for an assignment that lacks pieces."""
+    async def _request_seed(
+        self, request: AssignmentRequest, layout: Layout | None, pieces: list[int] | None
+    ) -> tuple[SeedDecision, float]:
+        """Publish the task's one seed fetch for an assignment that lacks pieces (``pieces``: on demand)."""
         task = self.tasks.find(request.task_id)
         return await self.request_seed(
             SeedJob(
@@ -288,6 +298,7 @@ class AssignmentService:
                 piece_size=layout.piece_size if layout else None,
                 authorization=request.authorization,
                 requested_by=request.peer_id,
+                pieces=tuple(pieces) if pieces is not None else None,
             )
         )
 
@@ -321,6 +332,7 @@ class AssignmentService:
                 authorization=job.authorization,
                 requested_by=job.requested_by,
                 attempt=attempt,
+                pieces=list(job.pieces) if job.pieces is not None else None,
             )
             ack = await self.bus.publish(published)
             self.tasks.begin_seed(job.task_id, attempt, url=job.url, digest=job.digest, now=now)

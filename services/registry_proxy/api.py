@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from services.registry_proxy.downloader import BlobRequest, PeerDownloader
+from services.registry_proxy.metrics import ProxyMetrics, ServedFrom
 from services.registry_proxy.origins import REGISTRY_HEADER, ProxyPolicy
 from shared.errors import DigestMismatch, InvalidRequest
 from shared.registry_client import OriginClient, raise_for_origin_status
@@ -69,6 +70,7 @@ class MirrorState:
     downloader: PeerDownloader
     manifests: ManifestCache
     prefetch: bool
+    metrics: ProxyMetrics
 
 
 def mirror(request: Request) -> MirrorState:
@@ -212,10 +214,13 @@ async def _pass_through(request: Request, state: MirrorState, url: str) -> Respo
         if key in response.headers
     }
 
+    served = state.metrics.served_bytes.labels(source=ServedFrom.ORIGIN.value)
+
     async def body() -> AsyncIterator[bytes]:
         try:
             async for chunk in response.content.iter_chunked(1024 * 1024):
                 yield chunk
+                served.inc(len(chunk))
         except aiohttp.ClientError:
             return
         finally:

@@ -13,12 +13,14 @@ from services.registry_proxy import api
 from services.registry_proxy.api import ManifestCache, MirrorState
 from services.registry_proxy.config import RegistryProxyConfig
 from services.registry_proxy.downloader import PeerDownloader
+from services.registry_proxy.metrics import ProxyMetrics
 from services.registry_proxy.origins import ProxyPolicy
 from shared.piece_store import PieceStore
 from shared.ratelimit import bucket_for
 from shared.registry_client import OriginClient
 from shared.service import create_service_app, service_runtime
 from shared.subjects import ALL_STREAMS
+from shared.telemetry import client_trace_config
 
 
 def create_app(config: RegistryProxyConfig) -> FastAPI:
@@ -29,8 +31,12 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = await asyncio.to_thread(PieceStore, config.effective_storage_dir, config.database_url)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=32)
+        metrics: ProxyMetrics = app.state.proxy_metrics
         async with (
-            aiohttp.ClientSession(connector=connector, auto_decompress=False) as session,
+            # Traced: requests to parents and origins carry traceparent, so their servers join the trace.
+            aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, trace_configs=[client_trace_config()]
+            ) as session,
             service_runtime(app, config, streams=ALL_STREAMS) as runtime,
         ):
             downloader = PeerDownloader(
@@ -40,6 +46,7 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
                 session=session,
                 parallel_pieces=config.parallel_pieces,
                 piece_timeout=config.piece_timeout_seconds,
+                metrics=metrics,
                 rate_limit=bucket_for(config.download_rate_limit_bytes),
             )
             app.state.mirror = MirrorState(
@@ -48,6 +55,7 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
                 downloader=downloader,
                 manifests=ManifestCache(config.manifest_cache_entries),
                 prefetch=config.prefetch,
+                metrics=metrics,
             )
             try:
                 yield
@@ -60,5 +68,7 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
         title="Damselfly registry-proxy",
         description="A node's OCI registry mirror; blobs are served through the P2P network.",
     )
+    # Registered once per app (not per lifespan), as the service's common metrics are.
+    app.state.proxy_metrics = ProxyMetrics.create(app.state.metrics.registry)
     app.include_router(api.router)
     return app

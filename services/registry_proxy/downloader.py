@@ -21,6 +21,7 @@ from typing import Any
 
 import aiohttp
 
+from services.registry_proxy.metrics import ParentKind, ProxyMetrics, ServedFrom
 from shared.bus import Bus
 from shared.errors import DamselflyError, DependencyUnavailable, DigestMismatch, UpstreamError
 from shared.piece_store import PieceStore, StoredTask
@@ -35,7 +36,7 @@ from shared.schemas import (
     PieceSource,
     TaskStatus,
 )
-from shared.tasks import piece_range, pieces_covering
+from shared.tasks import piece_range, piece_size_for, pieces_covering
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class TaskDownload:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
     bytes_from_peers: int = 0
+    # This download's request is the one that sent the task to the seed: what the seed sends is origin's.
+    seed_requested: bool = False
+    sources: dict[int, ServedFrom] = field(default_factory=dict)  # Pieces fetched by this download.
 
     def event(self, number: int) -> asyncio.Event:
         """The event set when piece ``number`` is on disk."""
@@ -99,6 +103,7 @@ class PeerDownloader:
         session: aiohttp.ClientSession,
         parallel_pieces: int = 4,
         piece_timeout: float = 30.0,
+        metrics: ProxyMetrics,
         assignment_timeout: float = 5.0,
         rate_limit: TokenBucket | None = None,
     ) -> None:
@@ -110,7 +115,11 @@ class PeerDownloader:
         self.piece_timeout = piece_timeout
         self.assignment_timeout = assignment_timeout
         self.rate_limit = rate_limit
+        self.metrics = metrics
         self._downloads: dict[str, TaskDownload] = {}
+        metrics.downloads_in_progress.set_function(
+            lambda: sum(1 for download in self._downloads.values() if download.failure is None)
+        )
 
     # --- entry points used by the routes -----------------------------------------------------------
 
@@ -135,6 +144,12 @@ class PeerDownloader:
             download.wanted = None if prefetch else set()
             self._downloads[request.task_id] = download
             download.runner = asyncio.create_task(self._run(download), name=f"download-{request.task_id[:12]}")
+        if not download.layout.done() and not prefetch and request.content_length:
+            # The layout follows from the size (every node cuts a blob the same way): name the pieces this
+            # reader needs in the first request, so the seed fetches those, not the whole blob.
+            size = piece_size_for(request.content_length)
+            end = request.content_length - 1 if last is None else min(last, request.content_length - 1)
+            download.want(pieces_covering(first, end, size), prefetch_rest=False)
         try:
             task = await asyncio.wait_for(asyncio.shield(download.layout), LAYOUT_TIMEOUT_SECONDS)
         except TimeoutError as exc:
@@ -157,9 +172,13 @@ class PeerDownloader:
                 await self._wait_for_piece(download, number)
             piece = piece_range(number, task.content_length, task.piece_size)
             start, end = max(first, piece.start), min(last + 1, piece.end)
+            # A piece this download did not fetch was on disk before it started.
+            source = download.sources.get(number, ServedFrom.LOCAL) if download is not None else ServedFrom.LOCAL
+            served = self.metrics.served_bytes.labels(source=source.value)
             path, offset, _length = await asyncio.to_thread(self.store.piece_file_range, task.task_id, number)
             async for chunk in _read_file(path, offset + (start - piece.start), end - start):
                 yield chunk
+                served.inc(len(chunk))
 
     async def _wait_for_piece(self, download: TaskDownload, number: int) -> None:
         event = download.event(number)
@@ -240,8 +259,15 @@ class PeerDownloader:
                 unassigned = []
             now = time.monotonic()
             if (count is None or unassigned) and now >= next_assignment_at:
-                reply = await self._request_assignment(download, unassigned[:256] if count is not None else None)
+                if count is not None:
+                    wanted: list[int] | None = unassigned[:256]
+                else:
+                    # Before the layout is known: the pieces a reader named (on-demand), else the blob.
+                    wanted = list(dict.fromkeys(download.urgent))[:256] if download.wanted is not None else None
+                    wanted = wanted or None
+                reply = await self._request_assignment(download, wanted)
                 next_assignment_at = time.monotonic() + max(reply.retry_after_ms, 20) / 1000
+                download.seed_requested = download.seed_requested or reply.seed_requested
                 if reply.status is TaskStatus.FAILED:
                     raise UpstreamError(f"the seed could not fetch {request.url}: {reply.error or 'unknown error'}")
                 if count is None and reply.content_length is not None and reply.piece_size is not None:
@@ -328,7 +354,13 @@ class PeerDownloader:
                 except DigestMismatch as exc:
                     reason, detail = PieceFailureReason.DIGEST_MISMATCH, exc.message[:500]
                 else:
-                    cost_ms = (time.perf_counter() - started) * 1000
+                    elapsed = time.perf_counter() - started
+                    cost_ms = elapsed * 1000
+                    kind = ParentKind.SEED if parent.is_seed else ParentKind.PEER
+                    self.metrics.piece_download_seconds.labels(parent=kind.value).observe(elapsed)
+                    download.sources[number] = (
+                        ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
+                    )
                     download.bytes_from_peers += len(data)
                     download.held.add(number)
                     download.event(number).set()
@@ -347,6 +379,7 @@ class PeerDownloader:
                     )
                     return True
             logger.info("piece %d of %s from %s failed: %s %s", number, task_id[:12], parent.peer_id, reason, detail)
+            self.metrics.piece_failures.labels(reason=reason.value).inc()
             await self._publish(
                 PieceFailed(
                     task_id=task_id,

@@ -28,6 +28,11 @@ class SeedFetcherConfig(ServiceConfig):
     parallel_ranges: int = Field(4, ge=1, le=64, description="Range requests in flight per blob.")
     max_attempts: int = Field(5, ge=1, description="Tries per request on 5xx, 429 and timeouts.")
     insecure: bool = Field(False, description="Skip TLS verification towards origins.")
+    on_demand_idle_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="An on-demand job (a lazy reader's ranges) ends after this long without a new piece wanted.",
+    )
     back_to_source_rate_limit_bytes: int = Field(0, ge=0, description="Bytes/s taken from origins; 0: no limit.")
 
     @property

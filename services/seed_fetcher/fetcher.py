@@ -1,9 +1,15 @@
-"""Back to source: fetch one blob from the origin in pieces, store each, announce each at once.
+"""Back to source: fetch a blob's pieces from the origin, store each, announce each at once.
 
 Pieces are fetched with parallel ``Range`` requests, lowest numbers first, so peers streaming the blob
 get its beginning soonest. Each stored piece is announced the moment it lands. A job redelivered after
 a crash resumes: pieces already in the store are announced again (JetStream drops the duplicates) and
 only the missing ones are fetched.
+
+A job is for the whole blob, or (``pieces`` set) on demand: a lazy reader wants a few ranges of a layer,
+and the origin should send those, not the layer. An on-demand job fetches the pieces it names and those
+the scheduler's priority hints add while it lives; it ends after ``idle_seconds`` without a new one
+(the pieces still missing are fetched by a later job when someone wants them), or fetches everything
+once a hint says a peer wants the whole blob.
 """
 
 from __future__ import annotations
@@ -16,9 +22,17 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
+from services.seed_fetcher.metrics import JobOutcome, SeedMetrics
 from shared import subjects
 from shared.bus import Bus
-from shared.errors import BlobDigestMismatch, BusDisposition, DamselflyError, Forbidden, InvalidRequest
+from shared.errors import (
+    BlobDigestMismatch,
+    BusDisposition,
+    DamselflyError,
+    Forbidden,
+    InvalidRequest,
+    bus_disposition_of,
+)
 from shared.piece_store import PieceStore
 from shared.ratelimit import TokenBucket
 from shared.registry_client import OriginClient, normalise_origin
@@ -40,9 +54,19 @@ _READ_BLOCK = 4 * 1024 * 1024
 class PieceQueue:
     """Pieces still to fetch: lowest number first, except those peers are waiting for, which jump ahead."""
 
-    def __init__(self, numbers: Iterable[int]) -> None:
+    def __init__(self, numbers: Iterable[int], known: Iterable[int] = ()) -> None:
         self._pending: dict[int, None] = dict.fromkeys(numbers)
         self._priority: deque[int] = deque()
+        # Every piece ever queued or already held: add() never queues one twice.
+        self._known: set[int] = set(self._pending) | set(known)
+
+    def add(self, numbers: Iterable[int]) -> int:
+        """Queue pieces not queued before (in ascending order among the plain ones); how many were new."""
+        new = sorted(set(numbers) - self._known)
+        self._known.update(new)
+        pending = {**self._pending, **dict.fromkeys(new)}
+        self._pending = dict.fromkeys(sorted(pending))
+        return len(new)
 
     def prioritize(self, numbers: Iterable[int]) -> None:
         """Fetch ``numbers`` next, in their order (ones already fetched or under way are skipped)."""
@@ -76,7 +100,9 @@ class SeedFetcher:
         bus: Bus,
         allowed_origins: Iterable[str],
         parallel_ranges: int,
+        metrics: SeedMetrics,
         rate_limit: TokenBucket | None = None,
+        idle_seconds: float = 15.0,
     ) -> None:
         self.seed_id = seed_id
         self.store = store
@@ -85,6 +111,8 @@ class SeedFetcher:
         self.allowed_origins = {normalise_origin(url) for url in allowed_origins}
         self.parallel_ranges = parallel_ranges
         self.rate_limit = rate_limit
+        self.metrics = metrics
+        self.idle_seconds = idle_seconds
         self.bytes_fetched = 0
 
     def check_allowed(self, url: str) -> None:
@@ -93,7 +121,7 @@ class SeedFetcher:
             raise Forbidden(f"origin of {url} is not on the seed's allow-list", url=url)
 
     async def run(self, job: SeedFetchRequested) -> None:
-        """Fetch, store and announce every piece of the job's blob; report completion."""
+        """Fetch, store and announce the job's pieces (every piece, or those wanted); report completion."""
         try:
             self.check_allowed(job.url)
             content_length = job.content_length
@@ -123,15 +151,23 @@ class SeedFetcher:
             held = await asyncio.to_thread(self.store.held_pieces, job.task_id)
             for number, digest in sorted(held.items()):
                 await self._announce(job, number, content_length, piece_size, digest, cost_ms=0.0)
-            missing = [number for number in range(count) if number not in held]
+            wanted = range(count) if job.pieces is None else sorted({n for n in job.pieces if n < count})
+            missing = [number for number in wanted if number not in held]
             if missing:
                 logger.info(
-                    "fetching %d of %d pieces of %s", len(missing), count, job.url, extra={"task_id": job.task_id}
+                    "fetching %d of %d pieces of %s%s",
+                    len(missing),
+                    count,
+                    job.url,
+                    " on demand" if job.pieces is not None else "",
+                    extra={"task_id": job.task_id},
                 )
-            await self._fetch_pieces(job, missing, content_length, piece_size)
-            if job.digest:
-                await asyncio.to_thread(self._verify_blob, job.task_id, job.digest, content_length)
-            await asyncio.to_thread(self.store.mark_completed, job.task_id)
+            await self._fetch_pieces(job, missing, held, content_length, piece_size, count)
+            stored = await asyncio.to_thread(self.store.held_pieces, job.task_id)
+            if len(stored) == count:
+                if job.digest:
+                    await asyncio.to_thread(self._verify_blob, job.task_id, job.digest, content_length)
+                await asyncio.to_thread(self.store.mark_completed, job.task_id)
             await self.bus.publish(
                 SeedFetchCompleted(
                     task_id=job.task_id,
@@ -142,17 +178,41 @@ class SeedFetcher:
                     piece_count=count,
                 )
             )
-        except DamselflyError as exc:
-            if exc.bus_disposition is BusDisposition.TERM:
+        except Exception as exc:
+            disposition = bus_disposition_of(exc)
+            if isinstance(exc, DamselflyError) and disposition is BusDisposition.TERM:
                 # The job can never succeed: tell the scheduler, so waiting peers fail fast.
                 await self._report_failure(job, exc)
+            outcome = JobOutcome.FAILED if disposition is BusDisposition.TERM else JobOutcome.RETRIED
+            self.metrics.back_to_source.labels(outcome=outcome.value).inc()
             raise
+        self.metrics.back_to_source.labels(outcome=JobOutcome.COMPLETED.value).inc()
 
-    async def _fetch_pieces(self, job: SeedFetchRequested, numbers: list[int], length: int, piece_size: int) -> None:
-        queue = PieceQueue(numbers)
+    async def _fetch_pieces(
+        self,
+        job: SeedFetchRequested,
+        numbers: list[int],
+        held: Iterable[int],
+        length: int,
+        piece_size: int,
+        count: int,
+    ) -> None:
+        """Fetch ``numbers`` with parallel workers; on demand, also what hints add until idle."""
+        queue = PieceQueue(numbers, known=held)
+        whole = job.pieces is None
+        arrived = asyncio.Event()
+        last_activity = time.monotonic()
 
         async def prioritize(hint: SeedPriority) -> None:
+            nonlocal whole, last_activity
+            if hint.whole and not whole:
+                whole = True  # A peer wants the blob: everything, lowest first after the hinted ones.
+                queue.add(range(count))
+            if not whole:
+                queue.add(number for number in hint.pieces if number < count)
             queue.prioritize(hint.pieces)
+            last_activity = time.monotonic()
+            arrived.set()
 
         # While this blob is fetched, the scheduler names the pieces peers are waiting for.
         subscription = await self.bus.listen(
@@ -160,10 +220,25 @@ class SeedFetcher:
         )
 
         async def worker() -> None:
-            while (number := queue.next()) is not None:
-                await self._fetch_piece(job, number, length, piece_size)
+            nonlocal last_activity
+            while True:
+                arrived.clear()
+                number = queue.next()
+                if number is not None:
+                    await self._fetch_piece(job, number, length, piece_size)
+                    last_activity = time.monotonic()
+                    continue
+                if whole:
+                    return
+                # On demand: wait for a hint to add pieces, until the job has been idle long enough.
+                left = self.idle_seconds - (time.monotonic() - last_activity)
+                if left <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), left)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(self.parallel_ranges, len(numbers)))]
+        width = self.parallel_ranges if not whole else min(self.parallel_ranges, len(numbers))
+        workers = [asyncio.create_task(worker()) for _ in range(width)]
         try:
             await asyncio.gather(*workers)
         finally:
@@ -176,6 +251,8 @@ class SeedFetcher:
         piece = piece_range(number, length, piece_size)
         started = time.perf_counter()
         data = await self.origin.fetch_range(job.url, piece.start, piece.end - 1, job.authorization)
+        self.metrics.origin_range_seconds.observe(time.perf_counter() - started)
+        self.metrics.origin_bytes.inc(len(data))
         if self.rate_limit is not None:
             await self.rate_limit.take(len(data))
         self.bytes_fetched += len(data)

@@ -257,6 +257,14 @@ class SeedFetchRequested(Event):
     )
     requested_by: PeerId
     attempt: NonNegative = Field(0, description="Raised by the scheduler to request a task again.")
+    pieces: list[NonNegative] | None = Field(
+        None,
+        max_length=1024,
+        description=(
+            "On demand: fetch only these pieces, and those SeedPriority adds while the job lives "
+            "(a lazy reader's ranges). None: the whole blob."
+        ),
+    )
 
     def msg_id(self) -> str:
         # The same task and attempt from many peers at once is one job (JetStream de-duplication).
@@ -296,6 +304,7 @@ class SeedPriority(Event):
 
     task_id: TaskId
     pieces: list[NonNegative] = Field(max_length=1024)
+    whole: bool = Field(False, description="A peer wants the whole blob: an on-demand job fetches every piece.")
 
     def subject(self) -> str:
         return subjects.for_id(self.subject_base, self.task_id)

@@ -119,7 +119,7 @@ async def test_damselfly_get_downloads_any_allowed_url_through_the_node(
         await cluster.stop()
 
 
-async def test_without_prefetch_a_node_fetches_only_the_pieces_readers_ask_for(
+async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_readers_ask_for(
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     from shared.piece_store import PieceStore
@@ -132,6 +132,7 @@ async def test_without_prefetch_a_node_fetches_only_the_pieces_readers_ask_for(
     data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
     plan = plan_cluster(tmp_path / "cluster", peers=1, origin=registry.url, prefetch=False)
     cluster = LocalCluster(plan)
+    mark = registry.mark()
     try:
         await cluster.start()
         url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
@@ -144,5 +145,13 @@ async def test_without_prefetch_a_node_fetches_only_the_pieces_readers_ask_for(
         pieces = plan.workdir / "peer-0" / "pieces"
         store = PieceStore(pieces, f"sqlite:///{pieces / 'store.db'}")
         assert sorted(store.held_pieces(task_id_for_digest(layer.digest))) == [5, 9]
+        # The seed fetched on demand too: the origin sent those two pieces, not the layer.
+        assert registry.blob_bytes_served(layer.digest, since=mark) == 2 * piece
+
+        # A client that wants the whole blob turns the on-demand fetch into a full one; each piece still
+        # leaves the origin once.
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200 and await response.read() == data
+        assert registry.blob_bytes_served(layer.digest, since=mark) == layer.size
     finally:
         await cluster.stop()

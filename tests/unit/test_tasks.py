@@ -134,3 +134,15 @@ def test_the_seed_fetches_awaited_pieces_first_then_the_rest_in_order() -> None:
     assert queue.next() is None
     queue.prioritize([1])
     assert queue.next() is None
+
+
+def test_an_on_demand_queue_takes_new_pieces_once_each() -> None:
+    from services.seed_fetcher.fetcher import PieceQueue
+
+    queue = PieceQueue([7, 3], known=[1])  # 1 is held already.
+    assert queue.add([3, 1, 9, 2]) == 2  # 3 is queued, 1 held: only 9 and 2 are new.
+    assert [queue.next() for _ in range(4)] == [2, 3, 7, 9]
+    assert queue.add([2, 9]) == 0 and queue.next() is None  # Fetched ones never come back.
+    queue.add([5])
+    queue.prioritize([5])
+    assert queue.next() == 5
