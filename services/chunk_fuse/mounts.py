@@ -29,7 +29,7 @@ from services.chunk_fuse.image import DEFAULT_PLATFORM, registry_ref
 from services.chunk_fuse.mount_config import MirrorConfig, MountConfig, mount_config_from_document
 from services.chunk_fuse.records import MountRecord, MountSpec, list_records
 from services.chunk_fuse.rundir import run_dir as default_run_dir
-from services.chunk_fuse.spawn import Standby, start_daemon, start_standby, stop_mount
+from services.chunk_fuse.spawn import Standby, start_daemon, start_standby, unmount, wait_for_daemon
 from shared.bus import Bus
 from shared.errors import ConfigError, InvalidRequest, NotFound
 from shared.oci.manifest import Descriptor
@@ -98,6 +98,7 @@ class MountManager:
         self._poll_task: asyncio.Task[None] | None = None
         self._kv: KeyValue | None = None
         self._standby: Standby | None = None
+        self._reapers: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class MountManager:
         if self._standby is not None:
             await asyncio.to_thread(self._standby.release)
             self._standby = None
+        await asyncio.gather(*self._reapers, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -335,16 +337,18 @@ class MountManager:
         return mount
 
     async def delete(self, mount_id: str, *, lazy: bool = False) -> ManagedMount:
-        """Unmount and end the daemon."""
+        """Unmount; the daemon's exit is awaited in the background (the caller's mount point is free now)."""
         mount = self.get(mount_id)
-        await asyncio.to_thread(stop_mount, mount.mountpoint, process=mount.process, lazy=lazy, record=None)
-        if mount.process is None:
-            # An adopted daemon is not our child: wait for it by pid.
-            for _ in range(200):
-                if not mount.alive:
-                    break
-                await asyncio.sleep(0.05)
+        await asyncio.to_thread(unmount, mount.mountpoint, lazy=lazy)
         self.mounts.pop(mount_id, None)
+        # A daemon ends by itself once unmounted (shutting down its loop takes a while): waiting for it here
+        # would only make every `damselfly run` slower. The reaper terminates one that does not end.
+        reaper = asyncio.create_task(
+            asyncio.to_thread(wait_for_daemon, mount.mountpoint, mount.pid, mount.process),
+            name=f"reap-{mount_id}",
+        )
+        self._reapers.add(reaper)
+        reaper.add_done_callback(self._reapers.discard)
         logger.info("unmounted %s (mount %s)", mount.mountpoint, mount_id)
         return mount
 

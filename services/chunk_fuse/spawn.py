@@ -260,6 +260,13 @@ def stop_mount(
     record = record or find_record(mountpoint)
     if record is None and not is_mounted(mountpoint):
         raise NotFound(f"nothing is mounted at {mountpoint}")
+    unmount(mountpoint, lazy=lazy)
+    if record is not None or process is not None:
+        wait_for_daemon(mountpoint, record.pid if record is not None else None, process, timeout)
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Take the mount off ``mountpoint`` (its daemon then exits by itself); nothing there is no error."""
     if is_mounted(mountpoint):
         result = fusermount(mountpoint)
         if result.returncode != 0:
@@ -268,8 +275,12 @@ def stop_mount(
             result = fusermount(mountpoint, lazy=True)
             if result.returncode != 0:
                 raise DependencyUnavailable(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
-    if record is not None or process is not None:
-        pid = record.pid if record is not None else None
-        target = pid if pid is not None else (process.pid if process is not None else 0)
-        if not _wait_pid(target, process, timeout):
-            _terminate(process, mountpoint, pid)
+
+
+def wait_for_daemon(
+    mountpoint: Path, pid: int | None, process: subprocess.Popen[bytes] | None, timeout: float = 10.0
+) -> None:
+    """Wait for an unmounted mount's daemon to exit; terminate it after ``timeout``."""
+    target = pid if pid is not None else (process.pid if process is not None else 0)
+    if not _wait_pid(target, process, timeout):
+        _terminate(process, mountpoint, pid)

@@ -13,6 +13,11 @@ import sys
 def main() -> None:
     """Console-script entry point."""
     if sys.argv[1:2] == ["run"]:
+        from services.cli.container import main_fast
+
+        code = main_fast(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
         from services.cli.run import run_command
 
         run_command(sys.argv[2:])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.chunk_fuse.mount_config import MountConfig, load_mount_config, mount_config_from_document, parse_size
-from services.cli.run import ProcessUser, resolve_user
+from services.cli.container import ProcessUser, resolve_user
 from shared.errors import ConfigError, InvalidRequest
 from tests.support.images import shared_images_dir
 

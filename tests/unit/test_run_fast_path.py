@@ -1,0 +1,78 @@
+"""``damselfly run``'s fast path reads ordinary command lines as the full CLI does, and leaves it the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.main import get_command
+
+from services.cli.container import RunArgs, parse_fast
+from services.cli.run import run
+
+ORDINARY = [
+    ["127.0.0.1:5000/app:lazy"],
+    ["127.0.0.1:5000/app:lazy", "--", "python3", "-V"],
+    ["127.0.0.1:5000/app:lazy", "python3", "-c", "print(1)"],
+    ["--insecure", "--agent", "http://127.0.0.1:9", "127.0.0.1:5000/app:lazy", "--", "sh", "-c", "exit 3"],
+    ["--config", "/tmp/c.json", "--mirror", "http://127.0.0.1:65001", "reg.example/app:v1", "--", "ls", "--all"],
+    ["--platform", "linux/arm64", "--agent", "http://a:1", "--insecure", "x.example/y@sha256:" + "a" * 64],
+    # After IMAGE every word is the command's, options included.
+    ["--agent", "http://a:1", "x.example/y:z", "--insecure", "--config", "c"],
+]
+LEFT_TO_THE_FULL_CLI = [
+    [],
+    ["--help"],
+    ["--agent"],
+    ["--agent=http://a:1", "x.example/y:z"],
+    ["--bogus", "x.example/y:z"],
+    ["-h"],
+]
+
+
+def full_cli(argv: list[str]) -> RunArgs:
+    """What the typer command line makes of ``argv``."""
+    app = typer.Typer()
+    app.command(context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True})(run)
+    context = get_command(app).make_context("damselfly run", list(argv))
+    params = context.params
+    command = list(params["cmd"] or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    return RunArgs(
+        image=params["image"],
+        command=command,
+        config=params["config"],
+        mirror=params["mirror"],
+        insecure=params["insecure"],
+        platform=params["platform"],
+        agent=params["agent"],
+    )
+
+
+@pytest.mark.parametrize("argv", ORDINARY, ids=" ".join)
+def test_the_fast_path_reads_an_ordinary_command_line_as_the_full_cli_does(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DAMSELFLY_MIRROR", raising=False)
+    monkeypatch.delenv("DAMSELFLY_AGENT", raising=False)
+    assert parse_fast(argv, {}) == full_cli(argv)
+
+
+def test_environment_variables_count_as_the_full_cli_counts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    environ = {"DAMSELFLY_MIRROR": "http://m:1", "DAMSELFLY_AGENT": "http://a:2"}
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    for argv in (["x.example/y:z"], ["--mirror", "http://other:3", "x.example/y:z", "true"]):
+        assert parse_fast(argv, environ) == full_cli(argv)
+
+
+@pytest.mark.parametrize("argv", LEFT_TO_THE_FULL_CLI, ids=lambda argv: " ".join(argv) or "nothing")
+def test_help_typos_and_unusual_spellings_go_to_the_full_cli(argv: list[str]) -> None:
+    assert parse_fast(argv, {}) is None
+
+
+def test_a_config_path_is_a_path() -> None:
+    parsed = parse_fast(["--config", "rel/c.yaml", "x.example/y:z"], {})
+    assert parsed is not None and parsed.config == Path("rel/c.yaml")
