@@ -61,7 +61,7 @@ async def fetch(session: aiohttp.ClientSession, url: str) -> bytes:
 async def test_a_pull_through_two_peers_moves_bytes_by_source_back_to_source_and_assignments(
     tmp_path: Path, registry: RegistryServer
 ) -> None:
-    data = os.urandom(9 * MIB)  # Three pieces.
+    data = os.urandom(3 * MIB)  # Three pieces (of 1 MiB: see shared.tasks.piece_size_for).
     size = len(data)
     digest = push_blob(registry, "test/metered", data)
     task_id = task_id_for_digest(digest)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from services.cli.cluster import LocalCluster, plan_cluster
+from shared.tasks import piece_size_for
 from tests.support.cluster import local_cluster, mirror_registries_conf, run, skopeo_copy_command
 from tests.support.containerd import containerd, ctr, hosts_dir
 from tests.support.images import image_blobs, push_oci_layout, python_image
@@ -62,7 +63,7 @@ async def test_range_requests_through_the_proxy_return_the_origins_bytes(
     layer = max(blobs, key=lambda blob: blob.size)
     expected = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
     rng = random.Random(7)
-    piece = 4 * 1024 * 1024
+    piece = piece_size_for(layer.size)  # A range across a piece boundary.
     ranges = [(0, 0), (layer.size - 1, layer.size - 1), (piece - 10, piece + 10), (0, layer.size - 1)]
     ranges += [tuple(sorted((rng.randrange(layer.size), rng.randrange(layer.size)))) for _ in range(196)]
     async with local_cluster(tmp_path / "cluster", registry.url, peers=1) as plan:

@@ -57,7 +57,7 @@ async def test_an_empty_blob_is_served_and_ranges_on_it_are_416(tmp_path: Path, 
 
 @pytest.fixture
 def file_server(tmp_path: Path) -> Iterator[tuple[str, bytes]]:
-    """A plain HTTP server with one 9 MiB file (three pieces)."""
+    """A plain HTTP server with one 9 MiB file (nine pieces)."""
     root = tmp_path / "www"
     root.mkdir()
     data = bytes(range(256)) * (9 * 4096) + b"tail"
@@ -123,7 +123,7 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     from shared.piece_store import PieceStore
-    from shared.tasks import task_id_for_digest
+    from shared.tasks import piece_size_for, task_id_for_digest
     from tests.support.images import image_blobs, push_oci_layout, python_image
 
     image = python_image()
@@ -136,7 +136,7 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
     try:
         await cluster.start()
         url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
-        piece = 4 * 1024 * 1024
+        piece = piece_size_for(layer.size)
         async with aiohttp.ClientSession() as session:
             for first in (5 * piece + 10, 9 * piece, 5 * piece + 20):  # the last one is held already
                 headers = {"Range": f"bytes={first}-{first + 999}"}

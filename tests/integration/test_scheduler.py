@@ -44,7 +44,7 @@ BLOB = "sha256:" + "ab" * 32
 TASK = task_id_for_digest(BLOB)
 OTHER_TASK = task_id_for_digest("sha256:" + "cd" * 32)
 URL = f"http://origin.test/v2/library/python/blobs/{BLOB}"
-PIECE_SIZE = 4 * 1024 * 1024
+PIECE_SIZE = 1024 * 1024  # What piece_size_for gives a blob of CONTENT_LENGTH.
 PIECES = 3
 CONTENT_LENGTH = PIECE_SIZE * 2 + 1000
 

@@ -180,7 +180,7 @@ def ancestors(span: ReadableSpan, by_id: dict[int, ReadableSpan]) -> list[Readab
 async def test_a_blob_pulled_through_a_peer_is_one_trace_across_proxy_scheduler_seed_and_cache_store(
     tmp_path: Path, nats_server: NatsServer, registry: RegistryServer, span_exporter: InMemorySpanExporter
 ) -> None:
-    data = os.urandom(9 * MIB)  # Three pieces.
+    data = os.urandom(3 * MIB)  # Three pieces (of 1 MiB: see shared.tasks.piece_size_for).
     digest = push_blob(registry, "test/traced", data)
     async with in_process_cluster(tmp_path, nats_server.url, registry.url) as cluster:
         span_exporter.clear()  # Start-up's own traces (registrations, heartbeats) are not the pull's.

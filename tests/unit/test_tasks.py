@@ -27,8 +27,10 @@ DIGEST = "sha256:" + "ab" * 32
 @pytest.mark.parametrize(
     ("length", "size"),
     [
-        (0, 4 * MIB),
-        (1, 4 * MIB),
+        (0, 1 * MIB),
+        (1, 1 * MIB),
+        (64 * MIB, 1 * MIB),
+        (64 * MIB + 1, 4 * MIB),
         (200 * MIB, 4 * MIB),
         (200 * MIB + 1, 7 * MIB),
         (512 * MIB, 10 * MIB),
@@ -36,7 +38,7 @@ DIGEST = "sha256:" + "ab" * 32
         (100 * 1024 * MIB, 15 * MIB),
     ],
 )
-def test_piece_size_follows_dragonflys_rule(length: int, size: int) -> None:
+def test_piece_size_is_small_for_small_blobs_then_follows_dragonflys_rule(length: int, size: int) -> None:
     assert piece_size_for(length) == size
 
 
