@@ -95,12 +95,16 @@ class OriginLog:
 
 
 def tree_bytes(root: Path) -> int:
-    """Bytes of the regular files under ``root`` (a piece store's pieces, a chunk cache)."""
+    """Bytes on disk of the regular files under ``root`` (a piece store's pieces, a chunk cache).
+
+    Allocated blocks, not file sizes: a piece store's data file is sparse, its size the whole blob's
+    from the first piece on.
+    """
     total = 0
     if root.exists():
         for path in root.rglob("*"):
             if path.is_file() and not path.is_symlink() and path.suffix not in (".db", ".db-wal", ".db-shm"):
-                total += path.stat().st_size
+                total += path.stat().st_blocks * 512
     return total
 
 

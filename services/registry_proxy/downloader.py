@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 
 from services.registry_proxy.metrics import ParentKind, ProxyMetrics, ServedFrom
+from shared import subjects
 from shared.bus import Bus
 from shared.errors import DamselflyError, DependencyUnavailable, DigestMismatch, UpstreamError
 from shared.piece_store import PieceStore, StoredTask
@@ -75,6 +76,8 @@ class TaskDownload:
     bytes_from_peers: int = 0
     # This download's request is the one that sent the task to the seed: what the seed sends is origin's.
     seed_requested: bool = False
+    # A piece it lacks was announced since it last asked for assignments.
+    announced: bool = False
     sources: dict[int, ServedFrom] = field(default_factory=dict)  # Pieces fetched by this download.
 
     def event(self, number: int) -> asyncio.Event:
@@ -201,6 +204,22 @@ class PeerDownloader:
     # --- the download loop ------------------------------------------------------------------------
 
     async def _run(self, download: TaskDownload) -> None:
+        task_id = download.request.task_id
+
+        async def on_announced(event: PieceAnnounced) -> None:
+            # A piece this download waits for got a holder: ask for it now rather than at the next poll.
+            number = event.piece_number
+            if event.holder != self.peer_id and number not in download.held and number not in download.assignments:
+                download.announced = True
+                download.wakeup.set()
+
+        try:
+            announcements = await self.bus.listen(
+                subjects.for_id(subjects.PIECE_ANNOUNCED, task_id), PieceAnnounced, on_announced
+            )
+        except Exception as exc:  # Without them the download polls, as it always can.
+            logger.info("no piece announcements for %s: %r", task_id, exc)
+            announcements = None
         try:
             await self._download(download)
         except asyncio.CancelledError:
@@ -211,6 +230,9 @@ class PeerDownloader:
             logger.exception("download of %s failed", download.request.task_id)
             self._fail(download, UpstreamError(f"download failed: {exc!r}"))
         finally:
+            if announcements is not None:
+                with contextlib.suppress(Exception):
+                    await announcements.unsubscribe()
             if self._downloads.get(download.request.task_id) is download and download.failure is None:
                 del self._downloads[download.request.task_id]
 
@@ -258,7 +280,8 @@ class PeerDownloader:
             else:
                 unassigned = []
             now = time.monotonic()
-            if (count is None or unassigned) and now >= next_assignment_at:
+            if (count is None or unassigned) and (now >= next_assignment_at or download.announced):
+                download.announced = False
                 if count is not None:
                     wanted: list[int] | None = unassigned[:256]
                 else:
