@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -61,6 +62,37 @@ class ManifestCache:
             self._entries.popitem(last=False)
 
 
+class BlobChecks:
+    """The origin's recent "yes, and this big" for blobs, by blob and credentials.
+
+    A lazy reader asks for one blob in many ranges; asking the origin each time whether the client may
+    read it would put an origin round trip before every range. Only successes are kept, for ``ttl``.
+    """
+
+    def __init__(self, ttl: float, capacity: int = 4096) -> None:
+        self.ttl = ttl
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str | None], tuple[float, int | None]] = OrderedDict()
+
+    def get(self, url: str, authorization: str | None) -> tuple[bool, int | None]:
+        """Whether a recent check passed, and the size it told."""
+        key = (url, authorization)
+        entry = self._entries.get(key)
+        if entry is None or time.monotonic() - entry[0] > self.ttl:
+            self._entries.pop(key, None)
+            return False, None
+        return True, entry[1]
+
+    def put(self, url: str, authorization: str | None, content_length: int | None) -> None:
+        """Remember a passed check."""
+        if self.ttl <= 0:
+            return
+        self._entries[(url, authorization)] = (time.monotonic(), content_length)
+        self._entries.move_to_end((url, authorization))
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
 @dataclass
 class MirrorState:
     """What the routes need, created in the lifespan."""
@@ -71,6 +103,7 @@ class MirrorState:
     manifests: ManifestCache
     prefetch: bool
     metrics: ProxyMetrics
+    blob_checks: BlobChecks
 
 
 def mirror(request: Request) -> MirrorState:
@@ -153,8 +186,11 @@ async def blob(name: str, digest: str, request: Request) -> Response:
     task_id = task_id_for_digest(digest)
     stored = await state.downloader.stored_task(task_id)
     content_length: int | None
+    checked, checked_length = state.blob_checks.get(url, authorization)
     if stored is not None and stored.completed:
         content_length = stored.content_length
+    elif checked:
+        content_length = checked_length
     else:
         # Metadata only: it checks the client may read the blob (so cached bytes are no way around the
         # origin's auth), and tells the size, so the seed need not ask again.
@@ -168,6 +204,7 @@ async def blob(name: str, digest: str, request: Request) -> Response:
         finally:
             head.release()
         content_length = int(length_header) if length_header.isdigit() else None
+        state.blob_checks.put(url, authorization, content_length)
 
     blob_headers = {"Docker-Content-Digest": digest, "Accept-Ranges": "bytes", **DISTRIBUTION_HEADERS}
     if request.method == "HEAD":

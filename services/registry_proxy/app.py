@@ -10,7 +10,7 @@ import aiohttp
 from fastapi import FastAPI
 
 from services.registry_proxy import api
-from services.registry_proxy.api import ManifestCache, MirrorState
+from services.registry_proxy.api import BlobChecks, ManifestCache, MirrorState
 from services.registry_proxy.config import RegistryProxyConfig
 from services.registry_proxy.downloader import PeerDownloader
 from services.registry_proxy.metrics import ProxyMetrics
@@ -56,6 +56,7 @@ def create_app(config: RegistryProxyConfig) -> FastAPI:
                 manifests=ManifestCache(config.manifest_cache_entries),
                 prefetch=config.prefetch,
                 metrics=metrics,
+                blob_checks=BlobChecks(config.blob_check_seconds),
             )
             try:
                 yield

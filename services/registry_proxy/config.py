@@ -69,6 +69,14 @@ class RegistryProxyConfig(ServiceConfig):
     parallel_pieces: int = Field(4, ge=1, le=64, description="Pieces fetched from parents at once per task.")
     piece_timeout_seconds: float = Field(30.0, gt=0, description="Give up on a parent for a piece after this long.")
     manifest_cache_entries: int = Field(1024, ge=0, description="Manifests kept by digest.")
+    blob_check_seconds: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "How long the origin's answer to a blob HEAD (the client may read it; its size) is trusted for "
+            "further ranges of that blob with the same credentials; 0 asks every time."
+        ),
+    )
     download_rate_limit_bytes: int = Field(0, ge=0, description="Bytes/s this node takes from peers; 0: no limit.")
 
     @property

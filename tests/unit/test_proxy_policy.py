@@ -57,3 +57,25 @@ def test_bearer_challenge_parsing() -> None:
     )
     assert BearerChallenge.parse('Basic realm="x"') is None
     assert BearerChallenge.parse(None) is None
+
+
+def test_blob_checks_are_kept_per_credentials_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.registry_proxy import api
+
+    now = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: now[0])
+    checks = api.BlobChecks(ttl=30.0, capacity=2)
+    url = "http://o/v2/a/blobs/sha256:" + "a" * 64
+    assert checks.get(url, None) == (False, None)
+    checks.put(url, "Bearer x", 1234)
+    assert checks.get(url, "Bearer x") == (True, 1234)
+    assert checks.get(url, None) == (False, None)  # Other credentials: the origin is asked again.
+    now[0] += 31
+    assert checks.get(url, "Bearer x") == (False, None)  # Too old.
+    for index in range(3):
+        checks.put(f"{url}{index}", None, index)
+    assert checks.get(f"{url}0", None) == (False, None)  # The oldest went first.
+    assert checks.get(f"{url}2", None) == (True, 2)
+    disabled = api.BlobChecks(ttl=0)
+    disabled.put(url, None, 1)
+    assert disabled.get(url, None) == (False, None)
