@@ -30,6 +30,7 @@ EXIT_CANNOT_RUN = 126
 EXIT_NOT_FOUND = 127
 EXIT_SETUP_FAILED = 125
 
+
 def _load_libc() -> ctypes.CDLL:
     # glibc's soname first: find_library runs ldconfig in a subprocess, which a container start pays for.
     try:
