@@ -30,6 +30,7 @@ from shared.ratelimit import TokenBucket
 from shared.schemas import (
     AssignmentReply,
     AssignmentRequest,
+    ParentCandidate,
     PieceAnnounced,
     PieceAssignment,
     PieceFailed,
@@ -76,8 +77,9 @@ class TaskDownload:
     bytes_from_peers: int = 0
     # This download's request is the one that sent the task to the seed: what the seed sends is origin's.
     seed_requested: bool = False
-    # A piece it lacks was announced since it last asked for assignments.
-    announced: bool = False
+    # Ask the scheduler at once, not after the last reply's retry delay: a reader wants new pieces, or a
+    # piece it lacks was announced. The delay is for asking again about the same missing pieces.
+    ask_now: bool = False
     sources: dict[int, ServedFrom] = field(default_factory=dict)  # Pieces fetched by this download.
 
     def event(self, number: int) -> asyncio.Event:
@@ -86,7 +88,9 @@ class TaskDownload:
 
     def want(self, numbers: range, prefetch_rest: bool) -> None:
         """Make ``numbers`` the next pieces to fetch; without prefetch, fetch only what is asked for."""
-        self.urgent = [number for number in numbers if number not in self.held] + self.urgent
+        new = [number for number in numbers if number not in self.held]
+        self.ask_now = self.ask_now or any(number not in self.assignments for number in new)
+        self.urgent = new + self.urgent
         if prefetch_rest:
             self.wanted = None
         elif self.wanted is not None:
@@ -120,6 +124,8 @@ class PeerDownloader:
         self.rate_limit = rate_limit
         self.metrics = metrics
         self._downloads: dict[str, TaskDownload] = {}
+        # Parents seen in assignments, by peer id: where to fetch a piece its holder has just announced.
+        self._parents: dict[str, ParentCandidate] = {}
         metrics.downloads_in_progress.set_function(
             lambda: sum(1 for download in self._downloads.values() if download.failure is None)
         )
@@ -193,10 +199,10 @@ class PeerDownloader:
 
     async def close(self) -> None:
         """Stop every download (their pieces on disk stay)."""
-        for download in self._downloads.values():
+        for download in list(self._downloads.values()):
             if download.runner is not None:
                 download.runner.cancel()
-        for download in self._downloads.values():
+        for download in list(self._downloads.values()):
             if download.runner is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await download.runner
@@ -207,11 +213,26 @@ class PeerDownloader:
         task_id = download.request.task_id
 
         async def on_announced(event: PieceAnnounced) -> None:
-            # A piece this download waits for got a holder: ask for it now rather than at the next poll.
+            # A piece this download waits for got a holder. A holder we know the address of (from an
+            # earlier assignment) is asked straight away, as Dragonfly peers sync pieces from their
+            # parents; the piece's digest is checked on arrival all the same. Otherwise ask the scheduler
+            # now rather than at the next poll.
             number = event.piece_number
-            if event.holder != self.peer_id and number not in download.held and number not in download.assignments:
-                download.announced = True
-                download.wakeup.set()
+            if event.holder == self.peer_id or number in download.held or number in download.assignments:
+                return
+            wanted = download.wanted is None or number in download.wanted or number in download.urgent
+            known = self._parents.get(event.holder)
+            if wanted and known is not None:
+                download.assignments[number] = PieceAssignment(
+                    piece_number=number,
+                    range_start=event.range_start,
+                    range_length=event.range_length,
+                    digest=event.digest,
+                    parents=[known],
+                )
+            else:
+                download.ask_now = True
+            download.wakeup.set()
 
         try:
             announcements = await self.bus.listen(
@@ -280,8 +301,8 @@ class PeerDownloader:
             else:
                 unassigned = []
             now = time.monotonic()
-            if (count is None or unassigned) and (now >= next_assignment_at or download.announced):
-                download.announced = False
+            if (count is None or unassigned) and (now >= next_assignment_at or download.ask_now):
+                download.ask_now = False
                 if count is not None:
                     wanted: list[int] | None = unassigned[:256]
                 else:
@@ -310,6 +331,8 @@ class PeerDownloader:
                     if not download.layout.done():
                         download.layout.set_result(task)
                 for assignment in reply.pieces:
+                    for parent in assignment.parents:
+                        self._parents[parent.peer_id] = parent
                     if assignment.piece_number not in download.held and assignment.parents:
                         download.assignments[assignment.piece_number] = assignment
                 continue
