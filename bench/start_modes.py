@@ -178,11 +178,13 @@ def oci_containerd(reference: str, work: Path, cmd: Sequence[str], name: str) ->
 def write_run_config(path: Path, cache_dir: Path, *, direct: bool = False) -> Path:
     """A ``damselfly run`` config whose chunk cache is ``cache_dir`` (so each mode picks its cache).
 
-    ``direct``: no mirror at all, straight to the origin (a node agent would otherwise add its own proxy).
+    ``direct``: no mirror at all, straight to the origin (a node agent would otherwise add its own proxy),
+    and no learned prefetch list recorded or used: a lone lazy mount, with nothing of the cluster's.
     """
     document: dict[str, Any] = {"cache": {"work_dir": str(cache_dir)}}
     if direct:
         document["backend"] = {"mirrors": []}
+        document["learned_prefetch"] = {"enable": False}
     path.write_text(json.dumps(document))
     return path
 

@@ -78,26 +78,36 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
     seconds = {mode: modes[mode]["median_s"] for mode in needed}
     lines = ["", "## Where the time goes (from the medians above)", ""]
     p2p_bytes = modes["p2p_cold"].get("origin_bytes", 0)
+    lazy_bytes = modes["lazy_cold"].get("origin_bytes", 0)
+    pieces = p2p_bytes / (1 << 20)
     if settings["shaped"]:
-        wire = p2p_bytes * 8 / parse_rate(settings["rate"])
+        rate = parse_rate(settings["rate"])
+        extra_wire = max(p2p_bytes - lazy_bytes, 0) * 8 / rate
+        beyond = seconds["p2p_cold"] - seconds["lazy_cold"] - extra_wire
         lines.append(
             f"* **Lazy + P2P cold** ({seconds['p2p_cold']:.2f} s against {seconds['lazy_cold']:.2f} s without P2P):"
-            f" the origin sent {p2p_bytes / 1e6:.1f} MB, every blob whole, not the"
-            f" {modes['lazy_cold'].get('origin_bytes', 0) / 1e6:.1f} MB the lazy mount reads without P2P; at"
-            f" {settings['rate']} that alone is {wire:.1f} s on the wire.  The seed-fetcher fetches every missing"
-            " piece of a blob, lowest first, whatever range a peer asked for, so a read deep in a layer waits"
-            " for the seed to reach it."
+            f" the origin sent {p2p_bytes / 1e6:.1f} MB where the lazy mount alone reads {lazy_bytes / 1e6:.1f} MB,"
+            " because the seed fetches whole 1 MiB pieces (only those readers ask for: on-demand jobs) and a"
+            f" chunk read costs the pieces around it; at {settings['rate']} the difference is {extra_wire:.2f} s on"
+            f" the wire.  The other {beyond:.2f} s are the P2P hops of about {pieces:.0f} pieces, fetched one after"
+            " another because `python3 -V` opens its files one after another: the proxy's assignment request, the"
+            " seed's range request to the origin, its announcement, the download from the seed, each piece"
+            " stored and verified on the seed and again on the node."
         )
     machinery = seconds["chunk_cache_hit"] - seconds["floor"]
     lines += [
         f"* **Chunk cache hit** ({seconds['chunk_cache_hit']:.2f} s against the floor's {seconds['floor']:.2f} s):"
-        f" {machinery:.2f} s is `damselfly run` itself (Python start-up and imports of the CLI and of the mount"
-        " daemon, FUSE mount, sandbox, unmount) with the page cache dropped; no chunk is fetched.  Every lazy"
-        " mode pays it.",
-        f"* **Local peer hit** adds {seconds['local_peer_hit'] - seconds['chunk_cache_hit']:.2f} s (chunks from"
-        " the node's own piece store through its registry-proxy); **remote peer hit** adds"
-        f" {seconds['remote_peer_hit'] - seconds['chunk_cache_hit']:.2f} s (pieces from peer-0 or the seed, and"
-        " the node's proxy pulling whole blobs, see node store growth).",
+        f" {machinery:.2f} s is the machinery, with the page cache dropped and no chunk fetched: `damselfly run`'s"
+        " own start (a Python interpreter and its modules read from disk), the node agent's mount from its"
+        " warm standby daemon (manifest, config and bootstrap, FUSE INIT), every read of `python3 -V` going"
+        " through the Python FUSE daemon to the chunk cache, the sandbox (mount namespace, overlayfs, chroot)"
+        " and the unmount.  Reaching the floor would need reads that never leave the kernel (EROFS over"
+        " fscache, as Nydus does; this kernel has EROFS), not a faster userspace daemon.",
+        f"* **Local peer hit** adds {seconds['local_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: every chunk"
+        " read goes to the node's registry-proxy as a range request and is served from its piece store."
+        f"  **Remote peer hit** adds {seconds['remote_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: the pieces"
+        f" ({modes['remote_peer_hit'].get('node_store_growth_bytes', 0) / 1e6:.1f} MB, the same set peer-0"
+        " read) come from peer-0 or the seed, each after an assignment, one read after another.",
     ]
     return lines
 

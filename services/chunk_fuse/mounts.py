@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ class MountManager:
         self._poll_task: asyncio.Task[None] | None = None
         self._kv: KeyValue | None = None
         self._standby: Standby | None = None
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._reapers: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -339,18 +340,40 @@ class MountManager:
     async def delete(self, mount_id: str, *, lazy: bool = False) -> ManagedMount:
         """Unmount; the daemon's exit is awaited in the background (the caller's mount point is free now)."""
         mount = self.get(mount_id)
+        # A first cold start that ends inside its recording window: what it read is the image's start-up,
+        # so publish it now (the daemon and its trace go with the unmount). Publishing is not waited for.
+        trace = await self._unpublished_trace(mount)
         await asyncio.to_thread(unmount, mount.mountpoint, lazy=lazy)
+        if trace is not None:
+            self._background(self._publish_trace(mount, trace), f"learned-{mount_id}")
         self.mounts.pop(mount_id, None)
         # A daemon ends by itself once unmounted (shutting down its loop takes a while): waiting for it here
         # would only make every `damselfly run` slower. The reaper terminates one that does not end.
-        reaper = asyncio.create_task(
-            asyncio.to_thread(wait_for_daemon, mount.mountpoint, mount.pid, mount.process),
-            name=f"reap-{mount_id}",
+        self._background(
+            asyncio.to_thread(wait_for_daemon, mount.mountpoint, mount.pid, mount.process), f"reap-{mount_id}"
         )
-        self._reapers.add(reaper)
-        reaper.add_done_callback(self._reapers.discard)
         logger.info("unmounted %s (mount %s)", mount.mountpoint, mount_id)
         return mount
+
+    def _background(self, work: Coroutine[Any, Any, Any], name: str) -> None:
+        async def logged() -> None:
+            try:
+                await work
+            except Exception as exc:
+                logger.warning("%s failed: %r", name, exc)
+
+        task = asyncio.create_task(logged(), name=name)
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def _unpublished_trace(self, mount: ManagedMount) -> dict[str, Any] | None:
+        """The recording of a mount that is recording one and has not published it yet (None otherwise)."""
+        if mount.trace_published or (mount.config is not None and not mount.config.learned_prefetch.enable):
+            return None
+        trace = await self._control(mount, "/api/v1/trace")
+        if not trace or not trace.get("recording") or not trace.get("chunks"):
+            return None
+        return trace
 
     # -- polling ------------------------------------------------------------------------------------
 

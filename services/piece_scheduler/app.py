@@ -110,7 +110,11 @@ def create_app(config: SchedulerConfig) -> FastAPI:
         title="Damselfly piece-scheduler",
         description="Which peer holds which piece, and who fetches from whom.",
     )
-    metrics = SchedulerMetrics.create(app.state.metrics.registry, lambda: getattr(app.state, "tasks", None))
+    metrics = SchedulerMetrics.create(
+        app.state.metrics.registry,
+        lambda: getattr(app.state, "tasks", None),
+        lambda: getattr(app.state, "peers", None),
+    )
     app.state.scheduler_metrics = metrics
     app.state.admin_api = config.api
     app.include_router(api.router)

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from services.piece_scheduler.peer_registry import PeerRegistry, PeerState
 from services.piece_scheduler.task_map import TaskMap, TaskState
 
 # Assignments are answered from memory: sub-millisecond, unless a seed fetch has to be published.
@@ -36,6 +37,27 @@ class _TaskStateCollector(Collector):
         yield family
 
 
+class _PeerStateCollector(Collector):
+    """``damselfly_scheduler_peers{state}``, counted from the peer table at scrape time."""
+
+    def __init__(self, peers: Callable[[], PeerRegistry | None]) -> None:
+        self._peers = peers
+
+    def _family(self) -> GaugeMetricFamily:
+        return GaugeMetricFamily("damselfly_scheduler_peers", "Peers the scheduler knows, by state.", labels=["state"])
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        registry = self._peers()
+        records = registry.all() if registry is not None else []
+        for state in PeerState:
+            family.add_metric([state.value], sum(1 for record in records if record.state is state))
+        yield family
+
+
 @dataclass(frozen=True)
 class SchedulerMetrics:
     """Assignments served, seed fetches requested, back-to-source downloads, skipped parents, tasks."""
@@ -47,9 +69,15 @@ class SchedulerMetrics:
     parents_skipped: Counter
 
     @classmethod
-    def create(cls, registry: CollectorRegistry, tasks: Callable[[], TaskMap | None]) -> SchedulerMetrics:
-        """Register the scheduler's metrics on ``registry``; ``tasks`` gives the live piece map."""
+    def create(
+        cls,
+        registry: CollectorRegistry,
+        tasks: Callable[[], TaskMap | None],
+        peers: Callable[[], PeerRegistry | None] = lambda: None,
+    ) -> SchedulerMetrics:
+        """Register the scheduler's metrics on ``registry``; ``tasks`` and ``peers`` give the live tables."""
         registry.register(_TaskStateCollector(tasks))
+        registry.register(_PeerStateCollector(peers))
         return cls(
             assignments=Counter(
                 "damselfly_scheduler_assignments",

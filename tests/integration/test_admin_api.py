@@ -214,6 +214,9 @@ async def test_peers_are_listed_in_pages_with_total_and_links(tmp_path: Path, na
         assert peer["idc"] == "idc-a" and peer["location"] == "eu|fr" and peer["ip"] == "127.0.0.1"
         assert peer["upload_slots"] == 8 and peer["upload_slots_in_use"] == 0 and peer["pieces_held"] == 0
         assert peer["state"] == "active"
+        metrics = (await c.scheduler.get("/metrics")).text
+        assert 'damselfly_scheduler_peers{state="active"} 5.0' in metrics
+        assert 'damselfly_scheduler_peers{state="left"} 0.0' in metrics
 
         for params in ({"per_page": 0}, {"page": 0}, {"per_page": 5000}, {"page": "x"}):
             bad = await c.scheduler.get("/api/v1/peers", params=params, headers=AUTH)

@@ -22,6 +22,7 @@ from services.chunk_fuse.config import ChunkFuseConfig
 from services.chunk_fuse.rundir import is_mounted
 from services.chunk_fuse.spawn import fusermount
 from shared.bus import Bus
+from shared.config import NatsSettings
 from shared.nats_server import NatsServer
 from tests.integration.test_chunk_fuse import LazyImage, lazy_python
 from tests.support.cluster import local_cluster
@@ -255,8 +256,24 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
                 assert (mountpoint / "usr" / "bin" / "python3.11").is_file()
                 second = await wait_for(standby_ready, 60, "the next standby")
                 assert second["pid"] != first["pid"]
+                await asyncio.to_thread(read_heads, mountpoint)
                 deleted = await client.delete(f"/api/v1/mounts/{description['id']}")
                 assert deleted.status_code == 200 and not is_mounted(mountpoint)
+
+            # That mount was the image's first cold start and ended inside its recording window: what it
+            # read was published at the unmount, for the next node to prefetch.
+            bus = Bus(NatsSettings(url=plan.nats_url, connect_timeout=2.0), client_name="test-learned")
+            await bus.connect()
+            try:
+                kv = await learned.bucket(bus.nc)
+
+                async def published() -> learned.LearnedList | None:
+                    return await learned.load(kv, description["digest"])
+
+                recorded = await wait_for(published, 20, "the learned list published at the unmount")
+                assert recorded.recorded_by == "peer-0" and recorded.chunks
+            finally:
+                await bus.close()
 
             # `damselfly run --agent`: the command's output, the mount gone afterwards, a standby again.
             await wait_for(standby_ready, 60, "a standby before the run")
