@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.netutil import free_port
+from shared.schemas import EVENT_TYPES
 
 pytestmark = pytest.mark.integration
 
@@ -222,6 +223,6 @@ def test_schemas_export_writes_one_file_per_event(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     written = sorted(path.name for path in (tmp_path / "out").iterdir())
-    assert "piece.announced.v1.json" in written and len(written) == 11
+    assert "piece.announced.v1.json" in written and len(written) == len(EVENT_TYPES)
     schema = orjson.loads((tmp_path / "out" / "piece.announced.v1.json").read_bytes())
     assert schema["x-damselfly-subject"] == "damselfly.v1.piece.announced"
