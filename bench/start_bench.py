@@ -275,7 +275,21 @@ class Bench:
         drop_caches()
         # The standby daemon serves this run's mount and exits when it is unmounted; py-spy follows it.
         daemon_spy = subprocess.Popen(
-            [spy, "record", "--pid", str(daemon_pid), "--rate", "250", "--format", "raw", "-o", str(raw_daemon)],
+            # --nonblocking: a paused FUSE daemon cannot answer the kernel, and whatever touches the mount
+            # (py-spy included) would wait for it forever.
+            [
+                spy,
+                "record",
+                "--nonblocking",
+                "--pid",
+                str(daemon_pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "-o",
+                str(raw_daemon),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
