@@ -264,8 +264,11 @@ class Bench:
         output = chroot_run(self.rootfs, self.settings.cmd, self.env)
         return Timed(time.monotonic() - started, output.strip().splitlines()[0] if output.strip() else "")
 
-    def profile(self, mode: str, mirror: str | None, agent: str) -> dict[str, Any]:
-        """One extra run of a lazy mode under py-spy: the CLI and its sandbox, and the agent's mount daemon."""
+    def profile(
+        self, mode: str, mirror: str | None, agent: str, services: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        """One extra run of a lazy mode under py-spy: the CLI and its sandbox, the agent's mount daemon, and
+        the cluster's ``services`` (name -> pid) a P2P run goes through."""
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         raw_cli = self.work / f"profile-{mode}-cli.txt"
         raw_daemon = self.work / f"profile-{mode}-daemon.txt"
@@ -293,6 +296,18 @@ class Bench:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        service_spies = {
+            name: (
+                self.work / f"profile-{mode}-{name}.txt",
+                subprocess.Popen(
+                    [spy, "record", "--nonblocking", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                     "-o", str(self.work / f"profile-{mode}-{name}.txt")],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                ),
+            )
+            for name, pid in (services or {}).items()
+        }  # fmt: skip
         time.sleep(0.5)  # py-spy attaches before the clock starts.
         prefix = [spy, "record", "--subprocesses", "--rate", "250", "--format", "raw", "-o", str(raw_cli), "--"]
         try:
@@ -305,7 +320,13 @@ class Bench:
             except subprocess.TimeoutExpired:
                 daemon_spy.send_signal(signal.SIGINT)
                 daemon_spy.wait(30)
-        costs = top_costs([(raw_cli, "services.cli (damselfly run)"), (raw_daemon, "mount daemon (agent's standby)")])
+            for _raw, spy_process in service_spies.values():
+                spy_process.send_signal(signal.SIGINT)  # py-spy writes its samples when interrupted.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    spy_process.wait(30)
+        raws = [(raw_cli, "services.cli (damselfly run)"), (raw_daemon, "mount daemon (agent's standby)")]
+        raws += [(raw, name) for name, (raw, _spy) in service_spies.items()]
+        costs = top_costs(raws)
         return {"mode": mode, "seconds_under_py_spy": round(timed.seconds, 2), **costs}
 
     async def profiles(self) -> list[dict[str, Any]]:
@@ -323,7 +344,16 @@ class Bench:
         results = []
         try:
             results.append(await asyncio.to_thread(self.profile, "lazy_cold", None, plan.peers[-1].agent))
-            results.append(await asyncio.to_thread(self.profile, "p2p_cold", plan.peers[0].proxy, plan.peers[0].agent))
+            # The P2P path runs in the cluster's services: profile the ones a cold read goes through too.
+            wanted = {"peer-0-registry-proxy", "scheduler", "seed-fetcher", "seed-cache-store"}
+            services = {
+                child.spec.name: child.process.pid
+                for child in cluster.children
+                if child.spec.name in wanted and child.process is not None
+            }
+            results.append(
+                await asyncio.to_thread(self.profile, "p2p_cold", plan.peers[0].proxy, plan.peers[0].agent, services)
+            )
         finally:
             await cluster.stop()
             shutil.rmtree(cluster_dir, ignore_errors=True)

@@ -168,8 +168,10 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
             lines.append(f"Profile failed: {profile['error']}")
             continue
         lines.append(
-            f"One extra run, {profile['samples']} samples at 250 Hz over every Python process of `damselfly run`"
-            f" ({profile['seconds_under_py_spy']} s under py-spy; samples include idle waits)."
+            f"One extra run, {profile['samples']} samples at 250 Hz over `damselfly run` and its sandbox, the node"
+            " agent's mount daemon and, for P2P cold, the node's proxy, the scheduler and the seed"
+            f" ({profile['seconds_under_py_spy']} s under py-spy; samples include idle waits: the processes"
+            " table says where the samples were taken, the function tables what they were doing)."
         )
         lines += ["", "| process | share of samples |", "|---|---|"]
         lines += [f"| `{row['frame']}` | {row['share']:.1%} |" for row in profile["processes"][:6]]
