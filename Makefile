@@ -3,7 +3,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 # Debian packages the project runs for real: the origin registry, image tools, FUSE, containerd, nginx.
-DEBIAN_PACKAGES := docker-registry skopeo umoci fuse3 containerd nginx-light iproute2 procps strace
+DEBIAN_PACKAGES := docker-registry skopeo umoci fuse3 containerd nginx-light iproute2 procps strace busybox-static
 UV = $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 PYTEST_ARGS ?=
 
