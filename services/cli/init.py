@@ -138,7 +138,7 @@ def parse_proxy(value: str) -> Proxy:
 
 # --- TOML ------------------------------------------------------------------------------------------
 
-_BARE_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
 
@@ -155,7 +155,8 @@ def _toml_string(value: str) -> str:
 
 
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY_RE.match(key) else _toml_string(key)
+    # fullmatch: "$" would also match before a trailing newline, and "a\n" is no bare key.
+    return key if _BARE_KEY_RE.fullmatch(key) else _toml_string(key)
 
 
 def _toml_value(value: Any) -> str:
