@@ -14,7 +14,11 @@ from shared.errors import ConfigError
 
 
 def read_config_document(path: Path) -> dict[str, Any]:
-    """The mapping in a JSON or YAML file (ConfigError naming the problem)."""
+    """The mapping in a JSON or YAML file (ConfigError naming the problem).
+
+    ``shared.config.read_yaml_document`` reads the services' files the same way, but importing
+    ``shared.config`` loads pydantic-settings, which a container start should not pay for.
+    """
     try:
         text = path.read_text()
     except OSError as exc:

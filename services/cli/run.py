@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -65,7 +64,11 @@ def run(
     state_dir = new_state_dir()
     lower = state_dir / "lower"
     if agent:
-        raise typer.Exit(_run_through_agent(agent, image, config, mirror, insecure, platform, state_dir, command))
+        try:
+            code = run_through_agent(agent, image, config, mirror, insecure, platform, state_dir, command)
+        except DamselflyError as exc:
+            raise fail(exc.message) from None
+        raise typer.Exit(code)
 
     from services.chunk_fuse.spawn import StartedMount, stop_mount
     from services.cli.mount import effective_config, mount_here
@@ -93,22 +96,6 @@ def run(
         if started is not None and started.log_path is not None and code == 0:
             started.log_path.unlink(missing_ok=True)
     raise typer.Exit(code)
-
-
-def _run_through_agent(
-    agent: str,
-    image: str,
-    config: Path | None,
-    mirror: str | None,
-    insecure: bool,
-    platform: str,
-    state_dir: Path,
-    command: list[str],
-) -> int:
-    try:
-        return run_through_agent(agent, image, config, mirror, insecure, platform, state_dir, command)
-    except DamselflyError as exc:
-        raise fail(exc.message) from None
 
 
 def run_command(args: list[str]) -> None:
