@@ -74,6 +74,8 @@ _DELIVER = {
     DeliverFrom.NEW: api.DeliverPolicy.NEW,
     DeliverFrom.LAST_PER_SUBJECT: api.DeliverPolicy.LAST_PER_SUBJECT,
 }
+# How long a request keeps retrying "no responders" before it reports the service absent (seconds).
+NO_RESPONDER_RETRY_BUDGET = 0.6
 # Errors that mean "NATS is not reachable right now": wait and try again, never crash a loop.
 _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     nats.errors.ConnectionClosedError,
@@ -472,22 +474,39 @@ class Bus:
     # --- request / reply -------------------------------------------------------------------------
 
     async def request(self, request: Event, reply_type: type[R], timeout: float | None = None) -> R:
-        """Send ``request`` over core NATS and parse the reply as ``reply_type``."""
+        """Send ``request`` over core NATS and parse the reply as ``reply_type``.
+
+        "No responders" is retried a few times within the timeout: the server can answer it for a
+        subscription another connection made (and flushed) a moment ago (nats-server#2876), and a
+        responder restarting is gone for a moment too. A service that is really absent still fails
+        within ``NO_RESPONDER_RETRY_BUDGET`` seconds, so callers fall back quickly.
+        """
         headers = {EVENT_HEADER: request.schema_tag()}
+        budget = timeout or self.settings.request_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        give_up_no_responders = loop.time() + min(budget, NO_RESPONDER_RETRY_BUDGET)
         with tracer().start_as_current_span(f"request {request.name}", kind=SpanKind.CLIENT) as span:
             span.set_attribute("messaging.destination.name", request.subject())
             inject_trace_headers(headers)
-            try:
-                reply = await self.nc.request(
-                    request.subject(),
-                    request.to_bytes(),
-                    timeout=timeout or self.settings.request_timeout,
-                    headers=headers,
-                )
-            except nats.errors.NoRespondersError as exc:
-                raise DependencyUnavailable(f"nobody serves {request.subject()}") from exc
-            except _CONNECTION_ERRORS as exc:
-                raise DependencyUnavailable(f"{request.name} failed: {exc!r}") from exc
+            delay = 0.02
+            while True:
+                try:
+                    reply = await self.nc.request(
+                        request.subject(),
+                        request.to_bytes(),
+                        timeout=max(deadline - loop.time(), 0.01),
+                        headers=headers,
+                    )
+                    break
+                except nats.errors.NoRespondersError as exc:
+                    if loop.time() + delay >= give_up_no_responders:
+                        raise DependencyUnavailable(f"nobody serves {request.subject()}") from exc
+                    span.add_event("no responders, retrying", {"delay_seconds": delay})
+                    await asyncio.sleep(delay)
+                    delay *= 2
+                except _CONNECTION_ERRORS as exc:
+                    raise DependencyUnavailable(f"{request.name} failed: {exc!r}") from exc
             error = (reply.headers or {}).get(ERROR_HEADER)
             if error:
                 raise _error_from_reply(error, reply.data)

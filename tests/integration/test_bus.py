@@ -228,6 +228,22 @@ async def test_request_reply_carries_schemas_and_errors(bus_factory: BusFactory)
         await peer.request(AssignmentRequest(task_id=TASK, peer_id="ghost", url="u"), AssignmentReply)
 
 
+async def test_request_reaches_a_responder_that_arrives_moments_later(bus_factory: BusFactory) -> None:
+    scheduler, peer = await bus_factory("scheduler"), await bus_factory("peer")
+
+    async def assign(request: AssignmentRequest) -> AssignmentReply:
+        return AssignmentReply(task_id=request.task_id, status=TaskStatus.UNKNOWN)
+
+    async def serve_later() -> None:
+        await asyncio.sleep(0.1)
+        await scheduler.serve("damselfly.v1.scheduler.assign", AssignmentRequest, assign, queue="schedulers")
+
+    late = asyncio.create_task(serve_later())
+    reply = await peer.request(AssignmentRequest(task_id=TASK, peer_id="peer-0", url="u"), AssignmentReply)
+    await late
+    assert reply.task_id == TASK
+
+
 async def test_request_without_responder_is_dependency_unavailable(bus_factory: BusFactory) -> None:
     peer = await bus_factory()
     with pytest.raises(DependencyUnavailable):
