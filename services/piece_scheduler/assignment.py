@@ -201,17 +201,30 @@ class AssignmentService:
 
     @staticmethod
     def _layout(task: TaskRecord | None, request: AssignmentRequest) -> Layout | None:
-        """The registered layout, else the one the seed will be told to use for a known length."""
+        """The registered layout, else the one the seed will be told to use for a known length: the
+        requester's proposed piece size (a range reader's small pieces), else the usual one."""
         if task is not None and task.piece_count is not None and task.piece_size and task.content_length is not None:
             return Layout(task.content_length, task.piece_size, task.piece_count)
+        if task is not None and task.requested_layout is not None:
+            length, size = task.requested_layout
+            return Layout(length, size, piece_count(length, size))
         if request.content_length is not None:
-            size = piece_size_for(request.content_length)
+            size = request.piece_size or piece_size_for(request.content_length)
             return Layout(request.content_length, size, piece_count(request.content_length, size))
         return None
 
     @staticmethod
     def _wanted(task: TaskRecord | None, request: AssignmentRequest, layout: Layout | None) -> tuple[list[int], bool]:
         """The piece numbers to assign, and whether they are all of what the requester wants."""
+        if (
+            request.pieces_wanted is not None
+            and request.piece_size
+            and layout
+            and request.piece_size != layout.piece_size
+        ):
+            # Numbered for the layout the requester proposed, not the one registered: they mean other bytes.
+            # The reply's layout tells the requester how to name them.
+            return [], True
         if request.pieces_wanted is not None:
             # The requester's order is its priority (the pieces a reader waits for come first): keep it.
             wanted = list(dict.fromkeys(request.pieces_wanted))
@@ -335,7 +348,12 @@ class AssignmentService:
                 pieces=list(job.pieces) if job.pieces is not None else None,
             )
             ack = await self.bus.publish(published)
-            self.tasks.begin_seed(job.task_id, attempt, url=job.url, digest=job.digest, now=now)
+            layout = (
+                (job.content_length, job.piece_size)
+                if job.content_length is not None and job.piece_size is not None
+                else None
+            )
+            self.tasks.begin_seed(job.task_id, attempt, url=job.url, digest=job.digest, now=now, layout=layout)
         decision = SeedDecision.QUEUED if ack.duplicate else SeedDecision.PUBLISHED
         if self.metrics:
             self.metrics.seed_fetches.labels(outcome="duplicate" if ack.duplicate else "published").inc()

@@ -156,6 +156,9 @@ class TaskRecord:
     consecutive_seed_failures: int = 0
     # Wall-clock seconds, as folded (replayed events get the replay's time: a restart restarts backoffs).
     seed_requested_at: float | None = None
+    # The (content length, piece size) the seed was told to use, until its task.registered says so:
+    # a requester in between must get the same layout, not the one it would propose.
+    requested_layout: tuple[int, int] | None = None
     last_seed_failure_at: float | None = None
     last_seed_error: str | None = None
     seen_failures: set[str] = field(default_factory=set, repr=False)
@@ -392,10 +395,20 @@ class TaskMap:
         return task
 
     def begin_seed(
-        self, task_id: str, attempt: int, *, url: str | None = None, digest: str | None = None, now: float | None = None
+        self,
+        task_id: str,
+        attempt: int,
+        *,
+        url: str | None = None,
+        digest: str | None = None,
+        now: float | None = None,
+        layout: tuple[int, int] | None = None,
     ) -> TaskRecord:
-        """Record that a seed fetch for ``attempt`` is in flight (published by us, or found queued)."""
+        """Record that a seed fetch for ``attempt`` is in flight (published by us, or found queued), and
+        the ``layout`` (content length, piece size) it was asked to cut the blob in."""
         task = self._task(task_id)
+        if layout is not None and task.requested_layout is None:
+            task.requested_layout = layout
         if task.url is None:
             task.url = url
         if task.digest is None:

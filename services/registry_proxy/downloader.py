@@ -38,7 +38,7 @@ from shared.schemas import (
     PieceSource,
     TaskStatus,
 )
-from shared.tasks import piece_range, piece_size_for, pieces_covering
+from shared.tasks import piece_range, pieces_covering, ranged_piece_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class BlobRequest:
     digest: str | None
     authorization: str | None
     content_length: int | None = None
+    # The piece size proposed to the scheduler while the task is not registered (set by open()).
+    piece_size: int | None = None
 
 
 @dataclass
@@ -154,9 +156,12 @@ class PeerDownloader:
             self._downloads[request.task_id] = download
             download.runner = asyncio.create_task(self._run(download), name=f"download-{request.task_id[:12]}")
         if not download.layout.done() and not prefetch and request.content_length:
-            # The layout follows from the size (every node cuts a blob the same way): name the pieces this
-            # reader needs in the first request, so the seed fetches those, not the whole blob.
-            size = piece_size_for(request.content_length)
+            # A range reader proposes small pieces (the task's first requester decides its layout, later
+            # ones get what was registered) and names the pieces it needs in the first request, so the
+            # seed fetches those, not the whole blob. Should another layout win, open() names them again
+            # below, from the registered layout.
+            size = download.request.piece_size or ranged_piece_size_for(request.content_length)
+            download.request.piece_size = size
             end = request.content_length - 1 if last is None else min(last, request.content_length - 1)
             download.want(pieces_covering(first, end, size), prefetch_rest=False)
         try:
@@ -323,6 +328,14 @@ class PeerDownloader:
                         piece_size=reply.piece_size,
                         digest=request.digest,
                     )
+                    if request.piece_size is not None and task.piece_size != request.piece_size:
+                        # Another layout was registered first: the numbers named so far meant other bytes.
+                        # Every reader names its pieces again from the layout once open() has it.
+                        download.urgent.clear()
+                        download.assignments.clear()
+                        if download.wanted is not None:
+                            download.wanted.clear()
+                    request.piece_size = task.piece_size  # From now on the numbers are the registered layout's.
                     held = await asyncio.to_thread(self.store.held_pieces, request.task_id)
                     download.held.update(held)
                     for number in held:
@@ -358,6 +371,7 @@ class PeerDownloader:
             content_length=request.content_length,
             pieces_wanted=wanted,
             authorization=request.authorization,
+            piece_size=request.piece_size,
         )
         try:
             return await self.bus.request(message, AssignmentReply, timeout=self.assignment_timeout)

@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 from typing import Annotated, ClassVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared import subjects
-from shared.errors import MalformedMessage
+from shared.errors import InvalidRequest, MalformedMessage
+from shared.tasks import check_piece_size
 
 # Task ids are sha256 hex (of the filtered URL or of the blob digest); peer ids are short slugs.
 TaskId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 hex of the task's key")]
@@ -329,6 +330,21 @@ class AssignmentRequest(Event):
     content_length: NonNegative | None = Field(None, description="When the requester knows it (manifest).")
     pieces_wanted: list[NonNegative] | None = Field(None, description="None: every piece the peer lacks.")
     authorization: str | None = None
+    piece_size: int | None = Field(
+        None,
+        description="The piece size the requester proposes if the task is not registered yet (a range reader "
+        "asks for small pieces); a registered task keeps its own. A multiple of 65536, 65536 to 15 MiB.",
+    )
+
+    @field_validator("piece_size")
+    @classmethod
+    def _valid_piece_size(cls, value: int | None) -> int | None:
+        if value is not None:
+            try:
+                check_piece_size(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from exc
+        return value
 
     def msg_id(self) -> str:
         return f"assignment.request:{self.task_id}:{self.peer_id}"

@@ -123,7 +123,7 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     from shared.piece_store import PieceStore
-    from shared.tasks import piece_size_for, task_id_for_digest
+    from shared.tasks import RANGED_PIECE_SIZE, task_id_for_digest
     from tests.support.images import image_blobs, push_oci_layout, python_image
 
     image = python_image()
@@ -136,7 +136,8 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
     try:
         await cluster.start()
         url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
-        piece = piece_size_for(layer.size)
+        # The first reader reads ranges: it proposes the small pieces, and the blob is cut in them.
+        piece = RANGED_PIECE_SIZE
         async with aiohttp.ClientSession() as session:
             for first in (5 * piece + 10, 9 * piece, 5 * piece + 20):  # the last one is held already
                 headers = {"Range": f"bytes={first}-{first + 999}"}
@@ -144,6 +145,8 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
                     assert response.status == 206 and await response.read() == data[first : first + 1000]
         pieces = plan.workdir / "peer-0" / "pieces"
         store = PieceStore(pieces, f"sqlite:///{pieces / 'store.db'}")
+        stored = store.get_task(task_id_for_digest(layer.digest))
+        assert stored is not None and stored.piece_size == RANGED_PIECE_SIZE
         assert sorted(store.held_pieces(task_id_for_digest(layer.digest))) == [5, 9]
         # The seed fetched on demand too: the origin sent those two pieces, not the layer.
         assert registry.blob_bytes_served(layer.digest, since=mark) == 2 * piece
@@ -152,6 +155,44 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
         # leaves the origin once.
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             assert response.status == 200 and await response.read() == data
+        assert registry.blob_bytes_served(layer.digest, since=mark) == layer.size
+    finally:
+        await cluster.stop()
+
+
+async def test_a_range_reader_after_a_whole_blob_puller_uses_the_registered_layout(
+    tmp_path: Path, registry: RegistryServer
+) -> None:
+    """The first requester decides a task's layout; a range reader that proposed another one renames its
+    pieces from the registered layout and gets the right bytes, and the origin sends nothing twice."""
+    from shared.piece_store import PieceStore
+    from shared.tasks import RANGED_PIECE_SIZE, piece_size_for, task_id_for_digest
+    from tests.support.images import image_blobs, push_oci_layout, python_image
+
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
+    layer = max(image_blobs(registry.url, "library/python", "3.11"), key=lambda blob: blob.size)
+    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    plan = plan_cluster(tmp_path / "cluster", peers=2, origin=registry.url, prefetch=False)
+    cluster = LocalCluster(plan)
+    mark = registry.mark()
+    try:
+        await cluster.start()
+        path = f"/v2/library/python/blobs/{layer.digest}"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(plan.peers[0].proxy + path) as response:
+                assert response.status == 200 and await response.read() == data
+            # Deep in the blob: under the proposed 256 KiB layout this would be piece 4x+ of a 1 MiB one.
+            first = layer.size - 3 * RANGED_PIECE_SIZE - 123
+            headers = {"Range": f"bytes={first}-{first + 2 * RANGED_PIECE_SIZE}"}
+            async with session.get(plan.peers[1].proxy + path, headers=headers) as response:
+                body = await response.read()
+                assert response.status == 206, body[:300]
+                assert body == data[first : first + 2 * RANGED_PIECE_SIZE + 1]
+        pieces = plan.workdir / "peer-1" / "pieces"
+        store = PieceStore(pieces, f"sqlite:///{pieces / 'store.db'}")
+        stored = store.get_task(task_id_for_digest(layer.digest))
+        assert stored is not None and stored.piece_size == piece_size_for(layer.size) != RANGED_PIECE_SIZE
         assert registry.blob_bytes_served(layer.digest, since=mark) == layer.size
     finally:
         await cluster.stop()

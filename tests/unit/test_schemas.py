@@ -170,3 +170,13 @@ def test_a_changed_model_is_detected_as_stale(tmp_path: Path) -> None:
     victim.write_bytes(orjson.dumps(schema))
     (tmp_path / "peer.left.v1.json").unlink()
     assert sorted(stale_schemas(tmp_path)) == ["peer.left.v1.json", "piece.announced.v1.json"]
+
+
+def test_an_assignment_request_with_a_bad_piece_size_is_malformed() -> None:
+    from shared.schemas import AssignmentRequest
+
+    good = AssignmentRequest(task_id="ab" * 32, peer_id="p", url="u", piece_size=256 * 1024)
+    assert AssignmentRequest.from_bytes(good.to_bytes()) == good
+    bad = good.to_bytes().replace(b'"piece_size":262144', b'"piece_size":1000')
+    with pytest.raises(MalformedMessage, match="multiple of 65536"):
+        AssignmentRequest.from_bytes(bad)

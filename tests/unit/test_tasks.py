@@ -9,7 +9,10 @@ from hypothesis import strategies as st
 from shared.errors import InvalidRequest, RangeNotSatisfiable
 from shared.tasks import (
     MIB,
+    RANGED_MAX_PIECES,
+    RANGED_PIECE_SIZE,
     blob_digest_in,
+    check_piece_size,
     filtered_url,
     parse_filter,
     parse_range_header,
@@ -17,6 +20,7 @@ from shared.tasks import (
     piece_range,
     piece_size_for,
     pieces_covering,
+    ranged_piece_size_for,
     task_id_for_digest,
     task_id_for_url,
 )
@@ -148,3 +152,31 @@ def test_an_on_demand_queue_takes_new_pieces_once_each() -> None:
     queue.add([5])
     queue.prioritize([5])
     assert queue.next() == 5
+
+
+@pytest.mark.parametrize(
+    ("length", "size"),
+    [
+        (0, RANGED_PIECE_SIZE),
+        (51 * MIB, RANGED_PIECE_SIZE),
+        (1024 * MIB, RANGED_PIECE_SIZE),  # 4096 pieces: the limit.
+        (1024 * MIB + 1, 2 * RANGED_PIECE_SIZE),
+        (100 * 1024 * MIB, 15 * MIB),  # Never above what a whole-blob reader would use.
+    ],
+)
+def test_range_readers_propose_small_pieces_with_a_bounded_count(length: int, size: int) -> None:
+    assert ranged_piece_size_for(length) == size
+    assert ranged_piece_size_for(length) <= piece_size_for(length)
+
+
+@given(st.integers(min_value=0, max_value=1 << 40))
+def test_a_ranged_layout_is_valid_and_never_has_too_many_pieces(length: int) -> None:
+    size = ranged_piece_size_for(length)
+    assert check_piece_size(size) == size
+    assert piece_count(length, size) <= RANGED_MAX_PIECES or size == piece_size_for(length)
+
+
+@pytest.mark.parametrize("size", [0, 1000, 64 * 1024 - 1, 64 * 1024 + 1, 16 * MIB, -65536])
+def test_invalid_piece_sizes_are_refused_with_the_rule(size: int) -> None:
+    with pytest.raises(InvalidRequest, match="multiple of 65536"):
+        check_piece_size(size)
