@@ -112,7 +112,7 @@ async def download_piece(request: Request, task_id: str, number: PieceNumber) ->
     except BaseException:
         uploader.release()
         raise
-    return uploader.response(opened, status_code=200, headers={PIECE_DIGEST_HEADER: opened.digest}, whole_piece=True)
+    return uploader.response(opened, status_code=200, headers={PIECE_DIGEST_HEADER: opened.digest}, whole_pieces=1)
 
 
 @router.get(
@@ -159,7 +159,11 @@ async def download_range(
     except BaseException:
         uploader.release()
         raise
-    return uploader.response(opened, status_code=status, headers=headers, whole_piece=False)
+    # A peer fetching a run of pieces asks for exactly their bytes: count the pieces the range covers whole.
+    first_whole = -(-start // task.piece_size)
+    after_last_whole = (end + 1) // task.piece_size if end + 1 < task.content_length else task.piece_count
+    whole_pieces = max(after_last_whole - first_whole, 0)
+    return uploader.response(opened, status_code=status, headers=headers, whole_pieces=whole_pieces)
 
 
 @router.get("/api/v1/tasks/{task_id}", summary="A stored task and the pieces held of it.", tags=["tasks"])

@@ -69,15 +69,15 @@ class Uploader:
         *,
         status_code: int,
         headers: Mapping[str, str],
-        whole_piece: bool,
+        whole_pieces: int,
     ) -> FileRegionResponse:
         """A response streaming ``opened``; it closes the file and releases the slot when done."""
 
         def finished(sent: int) -> None:
             self.release()
             self.metrics.uploaded_bytes.inc(sent)
-            if whole_piece and sent == opened.length:
-                self.metrics.pieces_served.inc()
+            if whole_pieces and sent == opened.length:
+                self.metrics.pieces_served.inc(whole_pieces)
 
         return FileRegionResponse(
             opened,

@@ -25,7 +25,7 @@ from services.registry_proxy.metrics import ParentKind, ProxyMetrics, ServedFrom
 from shared import subjects
 from shared.bus import Bus
 from shared.errors import DamselflyError, DependencyUnavailable, DigestMismatch, UpstreamError
-from shared.piece_store import PieceStore, StoredTask
+from shared.piece_store import OpenPiece, PieceStore, StoredTask
 from shared.ratelimit import TokenBucket
 from shared.schemas import (
     AssignmentReply,
@@ -43,6 +43,8 @@ from shared.tasks import piece_range, pieces_covering, ranged_piece_size_for
 logger = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+# Consecutive pieces from one parent are fetched with one range request of at most this many bytes.
+RUN_BYTES = 2 * 1024 * 1024
 LAYOUT_TIMEOUT_SECONDS = 120.0
 # A partial download (no prefetch) waits this long for more ranges before it lets go of its state.
 IDLE_DOWNLOAD_SECONDS = 60.0
@@ -178,21 +180,41 @@ class PeerDownloader:
     async def stream(
         self, download: TaskDownload | None, task: StoredTask, first: int, last: int
     ) -> AsyncIterator[bytes]:
-        """The bytes ``first..last`` of the task, in order, each piece as soon as it is on disk."""
+        """The bytes ``first..last`` of the task, in order, each piece as soon as it is on disk.
+
+        Consecutive pieces already on disk are read through one open descriptor: a lazy reader's range
+        spans several small pieces, and a file open, a check and a thread hop per piece add up.
+        """
         if task.content_length == 0:
             return
-        for number in pieces_covering(first, last, task.piece_size):
+        numbers = list(pieces_covering(first, last, task.piece_size))
+        index = 0
+        while index < len(numbers):
+            number = numbers[index]
             if download is not None:
                 await self._wait_for_piece(download, number)
-            piece = piece_range(number, task.content_length, task.piece_size)
-            start, end = max(first, piece.start), min(last + 1, piece.end)
-            # A piece this download did not fetch was on disk before it started.
-            source = download.sources.get(number, ServedFrom.LOCAL) if download is not None else ServedFrom.LOCAL
+            # Extend the run over the following pieces that are on disk too, from the same source.
+            source = self._source(download, number)
+            run_end = index + 1
+            while (
+                run_end < len(numbers)
+                and (download is None or numbers[run_end] in download.held)
+                and self._source(download, numbers[run_end]) is source
+            ):
+                run_end += 1
+            start = max(first, piece_range(number, task.content_length, task.piece_size).start)
+            end = min(last, piece_range(numbers[run_end - 1], task.content_length, task.piece_size).end - 1)
             served = self.metrics.served_bytes.labels(source=source.value)
-            path, offset, _length = await asyncio.to_thread(self.store.piece_file_range, task.task_id, number)
-            async for chunk in _read_file(path, offset + (start - piece.start), end - start):
+            opened = await asyncio.to_thread(self.store.open_range, task.task_id, start, end)
+            async for chunk in _read_open(opened):
                 yield chunk
                 served.inc(len(chunk))
+            index = run_end
+
+    @staticmethod
+    def _source(download: TaskDownload | None, number: int) -> ServedFrom:
+        # A piece this download did not fetch was on disk before it started.
+        return download.sources.get(number, ServedFrom.LOCAL) if download is not None else ServedFrom.LOCAL
 
     async def _wait_for_piece(self, download: TaskDownload, number: int) -> None:
         event = download.event(number)
@@ -278,7 +300,9 @@ class PeerDownloader:
     async def _download(self, download: TaskDownload) -> None:
         request = download.request
         next_assignment_at = 0.0
-        in_flight: dict[int, asyncio.Task[bool]] = {}
+        # Piece number -> the fetch carrying it (a run of consecutive pieces shares one); a fetch returns
+        # the numbers it could not get.
+        in_flight: dict[int, asyncio.Task[set[int]]] = {}
         count: int | None = None
         while True:
             if count is not None:
@@ -295,13 +319,12 @@ class PeerDownloader:
                     except TimeoutError:
                         return
                     continue
-                for number in missing:
-                    if len(in_flight) >= self.parallel_pieces:
+                for run in self._runs(download, [n for n in missing if n not in in_flight]):
+                    if len(set(in_flight.values())) >= self.parallel_pieces:
                         break
-                    assignment = download.assignments.get(number)
-                    if number in in_flight or assignment is None:
-                        continue
-                    in_flight[number] = asyncio.create_task(self._fetch_piece(download, assignment))
+                    fetch = asyncio.create_task(self._fetch_run(download, run))
+                    for assignment in run:
+                        in_flight[assignment.piece_number] = fetch
                 unassigned = [n for n in missing if n not in in_flight and n not in download.assignments]
             else:
                 unassigned = []
@@ -358,7 +381,7 @@ class PeerDownloader:
             for number, fetch in list(in_flight.items()):
                 if fetch.done():
                     del in_flight[number]
-                    if not fetch.result():
+                    if number in fetch.result():
                         download.assignments.pop(number, None)
 
     async def _request_assignment(self, download: TaskDownload, wanted: list[int] | None) -> AssignmentReply:
@@ -378,6 +401,130 @@ class PeerDownloader:
         except DependencyUnavailable as exc:
             logger.warning("no assignment for %s yet: %s", request.task_id, exc)
             return AssignmentReply(task_id=request.task_id, status=TaskStatus.UNKNOWN, retry_after_ms=500)
+
+    def _runs(self, download: TaskDownload, numbers: list[int]) -> list[list[PieceAssignment]]:
+        """The assigned pieces among ``numbers`` (in their order), grouped into runs of consecutive pieces
+        whose best parent is the same, each run at most ``RUN_BYTES``: one request fetches a run."""
+        runs: list[list[PieceAssignment]] = []
+        for number in numbers:
+            assignment = download.assignments.get(number)
+            if assignment is None or not assignment.parents:
+                continue
+            if runs:
+                last = runs[-1][-1]
+                fits = sum(a.range_length for a in runs[-1]) + assignment.range_length <= RUN_BYTES
+                if (
+                    fits
+                    and number == last.piece_number + 1
+                    and assignment.range_start == last.range_start + last.range_length
+                    and assignment.parents[0].peer_id == last.parents[0].peer_id
+                ):
+                    runs[-1].append(assignment)
+                    continue
+            runs.append([assignment])
+        return runs
+
+    async def _fetch_run(self, download: TaskDownload, run: list[PieceAssignment]) -> set[int]:
+        """Fetch a run of consecutive pieces from their best parent in one range request, each piece checked
+        against its digest as it is stored; what that does not bring is fetched piece by piece, trying every
+        parent in turn. Returns the numbers that could not be fetched."""
+        failed: set[int] = set()
+        remaining = run
+        parent = run[0].parents[0]
+        if len(run) > 1 and parent.peer_id != self.peer_id:
+            remaining = await self._fetch_range_of_pieces(download, parent, run)
+        for assignment in remaining:
+            if not await self._fetch_piece(download, assignment):
+                failed.add(assignment.piece_number)
+        return failed
+
+    async def _fetch_range_of_pieces(
+        self, download: TaskDownload, parent: ParentCandidate, run: list[PieceAssignment]
+    ) -> list[PieceAssignment]:
+        """One ``Range`` request to ``parent`` for the run's bytes; returns the pieces it did not yield."""
+        task_id = download.request.task_id
+        first, last = run[0], run[-1]
+        start, end = first.range_start, last.range_start + last.range_length - 1
+        started = time.perf_counter()
+        try:
+            url = f"{parent.upload_url}/download/{task_id}"
+            timeout = aiohttp.ClientTimeout(total=self.piece_timeout, sock_connect=3)
+            async with self.session.get(url, headers={"Range": f"bytes={start}-{end}"}, timeout=timeout) as response:
+                if response.status != 206:
+                    # Busy, or not every piece held after all: piece by piece says which, and reports it.
+                    return run
+                data = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            logger.info("range %d-%d of %s from %s failed: %r", start, end, task_id[:12], parent.peer_id, exc)
+            return run
+        if len(data) != end - start + 1:
+            return run
+        if self.rate_limit is not None:
+            await self.rate_limit.take(len(data))
+        left: list[PieceAssignment] = []
+        view = memoryview(data)
+        for assignment in run:
+            offset = assignment.range_start - start
+            piece = view[offset : offset + assignment.range_length]
+            stored = await self._store_piece(download, assignment, parent, piece, started)
+            if not stored:
+                left.append(assignment)
+        return left
+
+    async def _store_piece(
+        self,
+        download: TaskDownload,
+        assignment: PieceAssignment,
+        parent: ParentCandidate,
+        data: bytes | memoryview,
+        started: float,
+    ) -> bool:
+        """Check and store a fetched piece, wake its readers and announce it; False (reported) if corrupt."""
+        task_id = download.request.task_id
+        number = assignment.piece_number
+        try:
+            digest = await asyncio.to_thread(self.store.write_piece, task_id, number, data, assignment.digest)
+        except DigestMismatch as exc:
+            await self._report_failure(download, number, parent, PieceFailureReason.DIGEST_MISMATCH, exc.message)
+            return False
+        elapsed = time.perf_counter() - started
+        kind = ParentKind.SEED if parent.is_seed else ParentKind.PEER
+        self.metrics.piece_download_seconds.labels(parent=kind.value).observe(elapsed)
+        download.sources[number] = ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
+        download.bytes_from_peers += len(data)
+        download.held.add(number)
+        download.event(number).set()
+        await self._publish(
+            PieceAnnounced(
+                task_id=task_id,
+                piece_number=number,
+                range_start=assignment.range_start,
+                range_length=assignment.range_length,
+                digest=digest,
+                holder=self.peer_id,
+                source=PieceSource.PEER,
+                parent_id=parent.peer_id,
+                cost_ms=elapsed * 1000,
+            )
+        )
+        return True
+
+    async def _report_failure(
+        self, download: TaskDownload, number: int, parent: ParentCandidate, reason: PieceFailureReason, detail: str
+    ) -> None:
+        task_id = download.request.task_id
+        logger.info("piece %d of %s from %s failed: %s %s", number, task_id[:12], parent.peer_id, reason, detail)
+        self.metrics.piece_failures.labels(reason=reason.value).inc()
+        await self._publish(
+            PieceFailed(
+                task_id=task_id,
+                piece_number=number,
+                parent_id=parent.peer_id,
+                reporter_id=self.peer_id,
+                reason=reason,
+                detail=detail[:500],
+            )
+        )
 
     async def _fetch_piece(self, download: TaskDownload, assignment: PieceAssignment) -> bool:
         """Try each parent in rank order; True once the piece is stored and announced."""
@@ -407,49 +554,12 @@ class PeerDownloader:
             except TimeoutError:
                 reason, detail = PieceFailureReason.TIMEOUT, f"no piece in {self.piece_timeout}s"
             except aiohttp.ClientError as exc:
-                reason, detail = PieceFailureReason.CONNECTION, str(exc)[:500]
+                reason, detail = PieceFailureReason.CONNECTION, str(exc)
             if reason is None:
-                try:
-                    digest = await asyncio.to_thread(self.store.write_piece, task_id, number, data, assignment.digest)
-                except DigestMismatch as exc:
-                    reason, detail = PieceFailureReason.DIGEST_MISMATCH, exc.message[:500]
-                else:
-                    elapsed = time.perf_counter() - started
-                    cost_ms = elapsed * 1000
-                    kind = ParentKind.SEED if parent.is_seed else ParentKind.PEER
-                    self.metrics.piece_download_seconds.labels(parent=kind.value).observe(elapsed)
-                    download.sources[number] = (
-                        ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
-                    )
-                    download.bytes_from_peers += len(data)
-                    download.held.add(number)
-                    download.event(number).set()
-                    await self._publish(
-                        PieceAnnounced(
-                            task_id=task_id,
-                            piece_number=number,
-                            range_start=assignment.range_start,
-                            range_length=assignment.range_length,
-                            digest=digest,
-                            holder=self.peer_id,
-                            source=PieceSource.PEER,
-                            parent_id=parent.peer_id,
-                            cost_ms=cost_ms,
-                        )
-                    )
+                if await self._store_piece(download, assignment, parent, data, started):
                     return True
-            logger.info("piece %d of %s from %s failed: %s %s", number, task_id[:12], parent.peer_id, reason, detail)
-            self.metrics.piece_failures.labels(reason=reason.value).inc()
-            await self._publish(
-                PieceFailed(
-                    task_id=task_id,
-                    piece_number=number,
-                    parent_id=parent.peer_id,
-                    reporter_id=self.peer_id,
-                    reason=reason,
-                    detail=detail,
-                )
-            )
+                continue  # Corrupt (reported): the next parent.
+            await self._report_failure(download, number, parent, reason, detail)
         return False
 
     async def _publish(self, event: PieceAnnounced | PieceFailed) -> None:
@@ -460,16 +570,16 @@ class PeerDownloader:
             logger.warning("could not publish %s: %s", event.name, exc)
 
 
-async def _read_file(path: os.PathLike[str] | str, offset: int, length: int) -> AsyncIterator[bytes]:
-    """Read ``length`` bytes at ``offset`` in 1 MiB chunks, off the event loop."""
-    descriptor = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+async def _read_open(opened: OpenPiece) -> AsyncIterator[bytes]:
+    """Read an open range in 1 MiB chunks, off the event loop; closes it."""
     try:
+        offset, length = opened.offset, opened.length
         while length > 0:
-            chunk = await asyncio.to_thread(os.pread, descriptor, min(READ_CHUNK, length), offset)
+            chunk = await asyncio.to_thread(os.pread, opened.fd, min(READ_CHUNK, length), offset)
             if not chunk:
-                raise UpstreamError(f"{path} is shorter than its recorded pieces")
+                raise UpstreamError(f"the data file of the range at {opened.offset} is shorter than its pieces")
             offset += len(chunk)
             length -= len(chunk)
             yield chunk
     finally:
-        os.close(descriptor)
+        opened.close()

@@ -243,18 +243,20 @@ async def test_a_blob_pulled_through_a_peer_is_one_trace_across_proxy_scheduler_
         if "/v2/test/traced/blobs/" in str((span.attributes or {}).get("url.full"))
     ]
     assert len(origin_gets) >= 3 and all(job in ancestors(span, by_id) for span in origin_gets)
-    # Proxy -> the seed's cache-store over HTTP: each piece's server span is a child of the proxy's client span.
-    uploads = in_trace("cache_store", SpanKind.SERVER, "GET /download/{task_id}/pieces/{number}")
-    assert len(uploads) == 3
+    # Proxy -> the seed's cache-store over HTTP: each upload's server span (a piece, or a run of consecutive
+    # pieces as one range) is a child of the proxy's client span.
+    upload_routes = ("GET /download/{task_id}/pieces/{number}", "GET /download/{task_id}")
+    uploads = [s for s in in_trace("cache_store", SpanKind.SERVER, "GET /download/") if s.name in upload_routes]
+    assert 1 <= len(uploads) <= 3
     for upload in uploads:
         assert upload.parent is not None
         client = by_id[upload.parent.span_id]
         assert (service_of(client), client.kind, client.name) == ("registry_proxy", SpanKind.CLIENT, "GET")
         assert "/download/" in str((client.attributes or {}).get("url.full"))
-        assert (upload.attributes or {}).get("http.response.status_code") == 200
+        assert (upload.attributes or {}).get("http.response.status_code") in (200, 206)
     # One trace: no assignment, seed job or piece upload of this pull ended up in another one.
     for span in spans():
-        if span.name in ("serve assignment.request", "GET /download/{task_id}/pieces/{number}") or (
+        if span.name in ("serve assignment.request", *upload_routes) or (
             span.name.startswith("process seed.fetch.requested")
         ):
             assert span.context.trace_id == top.context.trace_id, span.name
