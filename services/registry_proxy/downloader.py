@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
 # Consecutive pieces from one parent are fetched with one range request of at most this many bytes.
-RUN_BYTES = 2 * 1024 * 1024
+RUN_BYTES = 1024 * 1024
 LAYOUT_TIMEOUT_SECONDS = 120.0
 # A partial download (no prefetch) waits this long for more ranges before it lets go of its state.
 IDLE_DOWNLOAD_SECONDS = 60.0
@@ -441,34 +441,28 @@ class PeerDownloader:
     async def _fetch_range_of_pieces(
         self, download: TaskDownload, parent: ParentCandidate, run: list[PieceAssignment]
     ) -> list[PieceAssignment]:
-        """One ``Range`` request to ``parent`` for the run's bytes; returns the pieces it did not yield."""
+        """One ``Range`` request to ``parent`` for the run's bytes, each piece stored as soon as its bytes
+        are in (readers of the first piece need not wait for the last); returns the pieces it did not yield."""
         task_id = download.request.task_id
         first, last = run[0], run[-1]
         start, end = first.range_start, last.range_start + last.range_length - 1
         started = time.perf_counter()
+        left = list(run)
         try:
             url = f"{parent.upload_url}/download/{task_id}"
             timeout = aiohttp.ClientTimeout(total=self.piece_timeout, sock_connect=3)
             async with self.session.get(url, headers={"Range": f"bytes={start}-{end}"}, timeout=timeout) as response:
-                if response.status != 206:
+                if response.status != 206 or response.content_length != end - start + 1:
                     # Busy, or not every piece held after all: piece by piece says which, and reports it.
-                    return run
-                data = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                    return left
+                for assignment in run:
+                    data = await response.content.readexactly(assignment.range_length)
+                    if self.rate_limit is not None:
+                        await self.rate_limit.take(len(data))
+                    if await self._store_piece(download, assignment, parent, data, started):
+                        left.remove(assignment)
+        except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
             logger.info("range %d-%d of %s from %s failed: %r", start, end, task_id[:12], parent.peer_id, exc)
-            return run
-        if len(data) != end - start + 1:
-            return run
-        if self.rate_limit is not None:
-            await self.rate_limit.take(len(data))
-        left: list[PieceAssignment] = []
-        view = memoryview(data)
-        for assignment in run:
-            offset = assignment.range_start - start
-            piece = view[offset : offset + assignment.range_length]
-            stored = await self._store_piece(download, assignment, parent, piece, started)
-            if not stored:
-                left.append(assignment)
         return left
 
     async def _store_piece(
