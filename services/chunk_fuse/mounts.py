@@ -38,6 +38,10 @@ from shared.oci.store import resolve_image
 
 logger = logging.getLogger(__name__)
 
+# How long a reference's digest, as the last mount of it found it, is trusted for the learned-list lookup.
+# A tag moved within this window only makes a mount prefetch the wrong chunks (it reads the right ones).
+DIGEST_TRUST_SECONDS = 30.0
+
 
 @dataclass
 class ManagedMount:
@@ -100,6 +104,9 @@ class MountManager:
         self._kv: KeyValue | None = None
         self._standby: Standby | None = None
         self._reapers: set[asyncio.Task[Any]] = set()
+        # Image reference (and backend) -> (manifest digest, when a mount last found it): the learned list's
+        # key without a manifest request through the mirror on every mount (tags move: briefly trusted).
+        self._digests: dict[tuple[str, str], tuple[str, float]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -203,6 +210,9 @@ class MountManager:
         ref = registry_ref(image)
         if ref.digest:
             return ref.digest
+        known = self._digests.get(_digest_key(image, config))
+        if known is not None and time.monotonic() - known[1] < DIGEST_TRUST_SECONDS:
+            return known[0]
         backend = RegistryBackend(config.backend, ref)
         try:
             await backend.open()
@@ -326,7 +336,10 @@ class MountManager:
                 learned_given=len(learned_chunks) if learned_chunks is not None else None,
             )
             self.mounts[mount.id] = mount
-        await self.refresh(mount)
+        # What the daemon mounted is what the reference names now; a moved tag corrects the cache here.
+        self._digests[_digest_key(image, config)] = (mount.digest, time.monotonic())
+        # Stats are for /metrics and the API: the caller waiting for its mount need not wait for them.
+        self._background(self.refresh(mount), f"refresh-{mount.id}")
         logger.info("mounted %s at %s (mount %s, pid %d)", image, mountpoint, mount.id, mount.pid)
         return mount
 
@@ -425,6 +438,11 @@ class MountManager:
             except Exception:
                 logger.exception("polling mounts failed")
             await asyncio.sleep(self.config.poll_seconds)
+
+
+def _digest_key(image: str, config: MountConfig) -> tuple[str, str]:
+    """What an image reference resolves through: the reference and the backend (registry, mirrors, auth)."""
+    return image, config.backend.model_dump_json()
 
 
 def _names_mirrors(document: dict[str, Any]) -> bool:
