@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.p2p_shaping import parse_rate
+from shared.tasks import RANGED_PIECE_SIZE
 
 #: Every mode in chart order, with its label and the seed's figure (python:3.9.15, read off its chart).
 MODES = ["oci", "oci_skopeo", "lazy_cold", "p2p_cold", "remote_peer_hit", "local_peer_hit", "chunk_cache_hit", "floor"]
@@ -79,7 +80,7 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
     lines = ["", "## Where the time goes (from the medians above)", ""]
     p2p_bytes = modes["p2p_cold"].get("origin_bytes", 0)
     lazy_bytes = modes["lazy_cold"].get("origin_bytes", 0)
-    pieces = p2p_bytes / (1 << 20)
+    pieces = p2p_bytes / RANGED_PIECE_SIZE
     if settings["shaped"]:
         rate = parse_rate(settings["rate"])
         extra_wire = max(p2p_bytes - lazy_bytes, 0) * 8 / rate
@@ -87,8 +88,9 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
         lines.append(
             f"* **Lazy + P2P cold** ({seconds['p2p_cold']:.2f} s against {seconds['lazy_cold']:.2f} s without P2P):"
             f" the origin sent {p2p_bytes / 1e6:.1f} MB where the lazy mount alone reads {lazy_bytes / 1e6:.1f} MB,"
-            " because the seed fetches whole 1 MiB pieces (only those readers ask for: on-demand jobs) and a"
-            f" chunk read costs the pieces around it; at {settings['rate']} the difference is {extra_wire:.2f} s on"
+            f" because the seed fetches whole pieces ({RANGED_PIECE_SIZE // 1024} KiB, the layout a range reader"
+            " proposes; only those readers ask for: on-demand jobs) and a chunk read costs the pieces around it;"
+            f" at {settings['rate']} the difference is {extra_wire:.2f} s on"
             f" the wire.  The other {beyond:.2f} s are the P2P hops of about {pieces:.0f} pieces, fetched one after"
             " another because `python3 -V` opens its files one after another: the proxy's assignment request, the"
             " seed's range request to the origin, its announcement, the download from the seed, each piece"

@@ -130,6 +130,7 @@ class PeerDownloader:
         self._downloads: dict[str, TaskDownload] = {}
         # Parents seen in assignments, by peer id: where to fetch a piece its holder has just announced.
         self._parents: dict[str, ParentCandidate] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
         metrics.downloads_in_progress.set_function(
             lambda: sum(1 for download in self._downloads.values() if download.failure is None)
         )
@@ -224,8 +225,15 @@ class PeerDownloader:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), 1.0)
 
+    def _announce_soon(self, event: PieceAnnounced) -> None:
+        """Publish ``event`` without waiting for it (close() waits for what is still being published)."""
+        task = asyncio.create_task(self._publish(event), name=f"announce-{event.task_id[:12]}-{event.piece_number}")
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
     async def close(self) -> None:
-        """Stop every download (their pieces on disk stay)."""
+        """Stop every download (their pieces on disk stay) and finish publishing announcements."""
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         for download in list(self._downloads.values()):
             if download.runner is not None:
                 download.runner.cancel()
@@ -488,7 +496,9 @@ class PeerDownloader:
         download.bytes_from_peers += len(data)
         download.held.add(number)
         download.event(number).set()
-        await self._publish(
+        # Announced in the background: readers were woken above, and the next piece of a run need not
+        # wait for JetStream's acknowledgement of this one.
+        self._announce_soon(
             PieceAnnounced(
                 task_id=task_id,
                 piece_number=number,
