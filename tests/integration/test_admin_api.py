@@ -33,6 +33,7 @@ from tests.support.cluster import local_cluster
 from tests.support.images import Manifest, build_small_image, get_manifest, push_oci_layout
 from tests.support.registry import RegistryServer
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -277,10 +278,16 @@ async def test_preheat_fetches_every_blob_of_an_image_once_and_reports_progress(
 
         for descriptor in manifest.blobs:
             assert registry.blob_bytes_served(descriptor.digest, since=mark) == descriptor.size
-            task = (
-                await c.scheduler.get(f"/api/v1/tasks/{task_id_for_digest(descriptor.digest)}", headers=AUTH)
-            ).json()
-            assert task["state"] == "available" and task["content_length"] == descriptor.size
+            url = f"/api/v1/tasks/{task_id_for_digest(descriptor.digest)}"
+
+            async def available(url: str = url) -> bool:
+                # The job counts pieces held; the task turns available when the seed's completion is folded,
+                # a moment later.
+                return bool((await c.scheduler.get(url, headers=AUTH)).json()["state"] == "available")
+
+            await eventually(available, what=f"task of {descriptor.digest} to be available")
+            task = (await c.scheduler.get(url, headers=AUTH)).json()
+            assert task["content_length"] == descriptor.size
             assert set(task["peers"]) == {"seed-0"}
             assert task["back_to_source_count"] == task["piece_count"]
 

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -32,6 +32,7 @@ from shared.piece_store import PieceStore
 from shared.tasks import sha256_digest
 from tests.support.ports import free_port
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +70,6 @@ def metric(text: str, name: str) -> float:
             if sample.name == name:
                 return float(sample.value)
     raise AssertionError(f"no metric {name}")
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 def make_app(tmp_path: Path, nats_url: str, **values: object) -> tuple[FastAPI, CacheStoreConfig]:

@@ -5,10 +5,7 @@ Every service is its own process, as deployed; the test reads each one's ``/metr
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -19,6 +16,7 @@ from shared.tasks import task_id_for_digest
 from tests.integration.test_tracing import push_blob
 from tests.support.cluster import local_cluster
 from tests.support.registry import RegistryServer
+from tests.support.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,14 +40,6 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     matching = [v for n, have, v in samples if n == name and labels.items() <= have.items()]
     assert matching, f"no sample {name}{labels}"
     return sum(matching)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met in {timeout}s")
-        await asyncio.sleep(0.2)
 
 
 async def fetch(session: aiohttp.ClientSession, url: str) -> bytes:

@@ -37,6 +37,7 @@ from shared.schemas import (
 from shared.subjects import ALL_STREAMS, SEED_FETCH_REQUESTED, SEED_JOBS_STREAM
 from shared.tasks import task_id_for_digest
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +50,6 @@ PIECES = 3
 CONTENT_LENGTH = PIECE_SIZE * 2 + 1000
 
 BusFactory = Callable[..., Awaitable[Bus]]
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def connect_bus(bus_factory: BusFactory) -> Bus:

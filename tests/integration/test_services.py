@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -24,16 +23,9 @@ from services.seed_fetcher.config import SeedFetcherConfig
 from shared.nats_server import NatsServer
 from shared.subjects import SEED_FETCH_CONSUMER, SEED_JOBS_STREAM
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
 
 
 async def status_is(client: httpx.AsyncClient, path: str, status: int) -> bool:

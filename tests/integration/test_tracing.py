@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from shared.telemetry import SERVICE_ATTRIBUTE
 from tests.support.ports import free_port
 from tests.support.registry import RegistryServer
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -62,14 +62,6 @@ def push_blob(registry: RegistryServer, repository: str, data: bytes) -> str:
     with urllib.request.urlopen(finish) as response:
         assert response.status == 201
     return digest
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met in {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 @asynccontextmanager
