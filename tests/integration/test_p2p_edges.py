@@ -124,12 +124,10 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
 ) -> None:
     from shared.piece_store import PieceStore
     from shared.tasks import RANGED_PIECE_SIZE, task_id_for_digest
-    from tests.support.images import image_blobs, push_oci_layout, python_image
+    from tests.support.images import push_python_layer
 
-    image = python_image()
-    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
-    layer = max(image_blobs(registry.url, "library/python", "3.11"), key=lambda blob: blob.size)
-    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    layer = push_python_layer(registry.host, registry.url)
+    data = layer.data
     plan = plan_cluster(tmp_path / "cluster", peers=1, origin=registry.url, prefetch=False)
     cluster = LocalCluster(plan)
     mark = registry.mark()
@@ -167,12 +165,10 @@ async def test_a_range_reader_after_a_whole_blob_puller_uses_the_registered_layo
     pieces from the registered layout and gets the right bytes, and the origin sends nothing twice."""
     from shared.piece_store import PieceStore
     from shared.tasks import RANGED_PIECE_SIZE, piece_size_for, task_id_for_digest
-    from tests.support.images import image_blobs, push_oci_layout, python_image
+    from tests.support.images import push_python_layer
 
-    image = python_image()
-    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
-    layer = max(image_blobs(registry.url, "library/python", "3.11"), key=lambda blob: blob.size)
-    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    layer = push_python_layer(registry.host, registry.url)
+    data = layer.data
     plan = plan_cluster(tmp_path / "cluster", peers=2, origin=registry.url, prefetch=False)
     cluster = LocalCluster(plan)
     mark = registry.mark()

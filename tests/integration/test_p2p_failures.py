@@ -15,7 +15,7 @@ import pytest
 from services.cli.cluster import ClusterPlan, LocalCluster, plan_cluster
 from shared.piece_store import PieceStore
 from shared.tasks import piece_count, piece_size_for, task_id_for_digest
-from tests.support.images import image_blobs, push_oci_layout, python_image
+from tests.support.images import push_python_layer
 from tests.support.registry import RegistryServer
 from tests.support.throttle import throttled
 
@@ -55,11 +55,8 @@ def flip_byte(path: Path, offset: int) -> None:
 
 @pytest.fixture
 def python_in_origin(registry: RegistryServer) -> tuple[RegistryServer, bytes, str, int]:
-    image = python_image()
-    push_oci_layout(image.layout, image.tag, registry.host, "library/python:3.11")
-    layer = max(image_blobs(registry.url, "library/python", "3.11"), key=lambda blob: blob.size)
-    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
-    return registry, data, layer.digest, layer.size
+    layer = push_python_layer(registry.host, registry.url)
+    return registry, layer.data, layer.digest, layer.size
 
 
 async def test_a_corrupt_piece_on_a_parent_is_detected_reported_and_fetched_elsewhere(

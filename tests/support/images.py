@@ -344,6 +344,23 @@ def image_blobs(
     return list(get_manifest(registry_url, repo, reference, auth=auth).blobs)
 
 
+class OriginLayer(NamedTuple):
+    """The python image's largest layer, as pushed to a test origin."""
+
+    data: bytes
+    digest: str
+    size: int
+
+
+def push_python_layer(registry_host: str, registry_url: str) -> OriginLayer:
+    """Push the python image as ``library/python:3.11`` and return its largest layer (a ~50 MB blob)."""
+    image = python_image()
+    push_oci_layout(image.layout, image.tag, registry_host, "library/python:3.11")
+    layer = max(image_blobs(registry_url, "library/python", "3.11"), key=lambda blob: blob.size)
+    data = (image.layout / "blobs" / "sha256" / layer.digest.removeprefix("sha256:")).read_bytes()
+    return OriginLayer(data, layer.digest, layer.size)
+
+
 def fetch_blob(
     registry_url: str,
     repo: str,
