@@ -381,7 +381,10 @@ class MountManager:
 
     async def _unpublished_trace(self, mount: ManagedMount) -> dict[str, Any] | None:
         """The recording of a mount that is recording one and has not published it yet (None otherwise)."""
-        if mount.trace_published or (mount.config is not None and not mount.config.learned_prefetch.enable):
+        # A mount given a learned list records none (daemon.py): no need to ask it on the unmount's path.
+        if mount.trace_published or mount.learned_given is not None:
+            return None
+        if mount.config is not None and not mount.config.learned_prefetch.enable:
             return None
         trace = await self._control(mount, "/api/v1/trace")
         if not trace or not trace.get("recording") or not trace.get("chunks"):
