@@ -44,7 +44,11 @@ async def create_mount(body: MountRequest, request: Request) -> JSONResponse:
 @router.get("/mounts", summary="This agent's mounts, with their stats as of the last poll.")
 async def list_mounts(request: Request) -> dict[str, Any]:
     mounts = manager(request)
-    return {"mounts": [m.describe() for m in mounts.mounts.values()], "standby": mounts.standby_state()}
+    return {
+        "mounts": [m.describe() for m in mounts.mounts.values()],
+        "kept": mounts.kept_state(),
+        "standby": mounts.standby_state(),
+    }
 
 
 @router.get("/mounts/{mount_id}", summary="One mount, with fresh stats.")

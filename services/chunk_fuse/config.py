@@ -30,6 +30,13 @@ class ChunkFuseConfig(ServiceConfig):
         True,
         description="Keep one mount daemon started ahead of need, so a mount does not wait for its imports.",
     )
+    keep_mounts_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Keep an image mounted this long after its last user is done, so the next run of the same "
+        "image and config starts without a mount (as nydus-snapshotter keeps an image's mount); 0 to unmount "
+        "at once.",
+    )
     unmount_on_shutdown: bool = Field(
         False, description="Unmount this agent's mounts when it stops (by default they outlive it, like nydusd)."
     )

@@ -5,12 +5,18 @@ every mount's stats once a second (for ``/metrics``, which must answer without w
 daemons that ended (unmounted from outside, or killed), and publishes a learned prefetch list as soon as a
 first cold start's recording window closes.  An agent that restarts adopts the live daemons it had
 started, from their records in the run dir: mounts outlive the agent, as nydusd mounts do.
+
+With ``keep_mounts_seconds`` the agent keeps each image mounted, as nydus-snapshotter keeps an image's
+RAFS mount while the image is on the node: the daemon mounts under the run dir, and every mount asked for
+with the same image, config and platform is a bind of that one mount onto the caller's mount point (a
+syscall, not a daemon start). The image's mount ends ``keep_mounts_seconds`` after its last bind is gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -28,11 +34,13 @@ from services.chunk_fuse.backend import RegistryBackend
 from services.chunk_fuse.config import ChunkFuseConfig
 from services.chunk_fuse.image import DEFAULT_PLATFORM, registry_ref
 from services.chunk_fuse.mount_config import MirrorConfig, MountConfig, mount_config_from_document
-from services.chunk_fuse.records import MountRecord, MountSpec, list_records
+from services.chunk_fuse.records import MountRecord, MountSpec, list_records, record_path, write_record_at
+from services.chunk_fuse.rundir import is_mounted, new_mount_id
 from services.chunk_fuse.rundir import run_dir as default_run_dir
+from services.chunk_fuse.sandbox import bind_mount, detach
 from services.chunk_fuse.spawn import Standby, start_daemon, start_standby, unmount, wait_for_daemon
 from shared.bus import Bus
-from shared.errors import ConfigError, InvalidRequest, NotFound
+from shared.errors import ConfigError, DependencyUnavailable, InvalidRequest, NotFound
 from shared.oci.manifest import Descriptor
 from shared.oci.store import resolve_image
 
@@ -61,6 +69,12 @@ class ManagedMount:
     learned_given: int | None = None
     trace_published: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
+    # A kept image mount: its key (image, config, platform), binds now using it, and when it ends unused.
+    # A bind has the key of the kept mount it shows.
+    kept_key: str | None = None
+    is_bind: bool = False
+    leases: int = 0
+    expiry: asyncio.TimerHandle | None = None
 
     def describe(self) -> dict[str, Any]:
         """The mount as the API shows it (stats as of the last poll)."""
@@ -74,6 +88,7 @@ class ManagedMount:
             "ready_seconds": self.ready_seconds,
             "image_config": self.image_config,
             "learned_prefetch_chunks": self.learned_given,
+            "shared": self.is_bind,
             "stats": self.stats,
         }
 
@@ -107,6 +122,7 @@ class MountManager:
         # Image reference (and backend) -> (manifest digest, when a mount last found it): the learned list's
         # key without a manifest request through the mirror on every mount (tags move: briefly trusted).
         self._digests: dict[tuple[str, str], tuple[str, float]] = {}
+        self._kept: dict[str, ManagedMount] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -115,10 +131,12 @@ class MountManager:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         for record in list_records(self.run_dir):
             if record.owner == self.owner:
-                self.mounts[record.id] = self._adopt(record)
-                logger.info(
-                    "adopted mount %s of %s at %s (pid %d)", record.id, record.image, record.mountpoint, record.pid
-                )
+                self._adopt_record(record)
+        for kept in self._kept.values():
+            kept.leases = sum(1 for m in self.mounts.values() if m.is_bind and m.kept_key == kept.kept_key)
+            if kept.leases == 0:
+                kept.leases = 1  # _release() counts it down and starts the keep period.
+                self._release(kept)
         self._poll_task = asyncio.create_task(self._poll_forever(), name="mount-poll")
         self._refill_standby()
 
@@ -132,6 +150,14 @@ class MountManager:
             for mount_id in list(self.mounts):
                 with contextlib.suppress(Exception):
                     await self.delete(mount_id, lazy=True)
+        # Kept image mounts nobody uses are this agent's cache, not anyone's mounts: they end with it.
+        for key, kept in list(self._kept.items()):
+            if kept.expiry is not None:
+                kept.expiry.cancel()
+            if kept.leases == 0:
+                del self._kept[key]
+                with contextlib.suppress(Exception):
+                    await self._end_daemon(kept, lazy=True)
         if self._standby is not None:
             await asyncio.to_thread(self._standby.release)
             self._standby = None
@@ -159,13 +185,21 @@ class MountManager:
             "pid": standby.process.pid if standby is not None else None,
         }
 
+    def kept_state(self) -> list[dict[str, Any]]:
+        """The images kept mounted: where, by which daemon, how many mounts show each now."""
+        return [
+            {"image": m.image, "digest": m.digest, "mountpoint": str(m.mountpoint), "pid": m.pid, "in_use": m.leases}
+            for m in self._kept.values()
+        ]
+
     def _take_standby(self) -> Standby | None:
         standby, self._standby = self._standby, None
         return standby if standby is not None and standby.alive else None
 
-    @staticmethod
-    def _adopt(record: MountRecord) -> ManagedMount:
-        return ManagedMount(
+    def _adopt_record(self, record: MountRecord) -> None:
+        """Take over a live mount this agent made before it restarted: plain, kept, or a bind of a kept one."""
+        kept_root = (self.run_dir or default_run_dir()) / "kept"
+        mount = ManagedMount(
             id=record.id,
             image=record.image,
             digest=record.digest,
@@ -174,6 +208,22 @@ class MountManager:
             control_socket=record.control_socket,
             created_at=record.started_at,
         )
+        if record.shared_from is not None:
+            if not is_mounted(record.mountpoint):  # Taken off while the agent was away.
+                self._remove_bind_record(record.id)
+                return
+            mount.is_bind, mount.kept_key = True, record.shared_from.parent.name
+            self.mounts[record.id] = mount
+        elif record.mountpoint.parent.parent == kept_root:
+            mount.kept_key = record.mountpoint.parent.name
+            self._kept[mount.kept_key] = mount
+        else:
+            self.mounts[record.id] = mount
+        logger.info("adopted mount %s of %s at %s (pid %d)", record.id, record.image, record.mountpoint, record.pid)
+
+    def _remove_bind_record(self, mount_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            record_path(self.run_dir or default_run_dir(), mount_id).unlink()
 
     # -- learned prefetch ---------------------------------------------------------------------------
 
@@ -237,6 +287,9 @@ class MountManager:
             return
         chunks = [int(i) for i in trace.get("chunks", [])]
         mount.trace_published = True
+        kept = self._kept.get(mount.kept_key or "")
+        if kept is not None:
+            kept.trace_published = True  # Its binds, now and later, have nothing more to publish.
         if not chunks:
             return
         record_seconds = mount.config.learned_prefetch.record_seconds if mount.config else 0.0
@@ -298,10 +351,17 @@ class MountManager:
                 config = config.with_shortcuts(mirror=mirror, insecure=insecure)
             except ValueError as exc:
                 raise InvalidRequest(f"mirror {mirror!r}: {exc}") from None
+        key = _keep_key(image, config, platform) if self.config.keep_mounts_seconds > 0 else None
+        if key is not None:
+            async with self._lock:
+                self._check_free(mountpoint)
+                kept = self._live_kept(key)
+                if kept is not None:
+                    return await self._bind(kept, mountpoint)
         learned_chunks = await self._learned_for(image, config)
         spec_args: dict[str, Any] = {
             "image": image,
-            "mountpoint": mountpoint,
+            "mountpoint": mountpoint if key is None else self._kept_path(key),
             "config": config,
             "platform": platform,
             "learned_chunks": learned_chunks,
@@ -311,8 +371,12 @@ class MountManager:
             spec_args["run_dir"] = self.run_dir
         spec = MountSpec(**spec_args)
         async with self._lock:
-            if any(m.mountpoint == mountpoint for m in self.mounts.values()):
-                raise InvalidRequest(f"{mountpoint} is already mounted by this agent")
+            self._check_free(mountpoint)
+            if key is not None:
+                kept = self._live_kept(key)
+                if kept is not None:  # Another request mounted the image while we looked up its list.
+                    return await self._bind(kept, mountpoint)
+                spec.mountpoint.mkdir(parents=True, exist_ok=True)
             log_path = spec.run_dir / "logs" / f"{spec.id}.log"
             standby = self._take_standby()
             try:
@@ -334,14 +398,102 @@ class MountManager:
                 ready_seconds=started.ready_seconds,
                 image_config=started.image_config,
                 learned_given=len(learned_chunks) if learned_chunks is not None else None,
+                kept_key=key,
             )
+            # What the daemon mounted is what the reference names now; a moved tag corrects the cache here.
+            self._digests[_digest_key(image, config)] = (mount.digest, time.monotonic())
+            if key is not None:
+                self._kept[key] = mount
+                logger.info("mounted %s for keeping at %s (pid %d)", image, mount.mountpoint, mount.pid)
+                return await self._bind(mount, mountpoint)
             self.mounts[mount.id] = mount
-        # What the daemon mounted is what the reference names now; a moved tag corrects the cache here.
-        self._digests[_digest_key(image, config)] = (mount.digest, time.monotonic())
         # Stats are for /metrics and the API: the caller waiting for its mount need not wait for them.
         self._background(self.refresh(mount), f"refresh-{mount.id}")
         logger.info("mounted %s at %s (mount %s, pid %d)", image, mountpoint, mount.id, mount.pid)
         return mount
+
+    def _check_free(self, mountpoint: Path) -> None:
+        if any(m.mountpoint == mountpoint for m in self.mounts.values()):
+            raise InvalidRequest(f"{mountpoint} is already mounted by this agent")
+
+    def _kept_path(self, key: str) -> Path:
+        return (self.run_dir or default_run_dir()) / "kept" / key / "mnt"
+
+    def _live_kept(self, key: str) -> ManagedMount | None:
+        """The kept mount of ``key`` if its daemon still serves it (forgotten otherwise)."""
+        kept = self._kept.get(key)
+        if kept is None:
+            return None
+        if kept.alive and is_mounted(kept.mountpoint):
+            return kept
+        del self._kept[key]
+        if kept.expiry is not None:
+            kept.expiry.cancel()
+        return None
+
+    async def _bind(self, kept: ManagedMount, mountpoint: Path) -> ManagedMount:
+        """Show the kept mount at ``mountpoint`` too (called with the lock held)."""
+        started = time.monotonic()
+        try:
+            await asyncio.to_thread(bind_mount, kept.mountpoint, mountpoint)
+        except OSError as exc:
+            raise InvalidRequest(f"cannot mount {kept.image} at {mountpoint}: {exc.strerror}") from None
+        if kept.expiry is not None:
+            kept.expiry.cancel()
+            kept.expiry = None
+        kept.leases += 1
+        bind = ManagedMount(
+            id=new_mount_id(),
+            image=kept.image,
+            digest=kept.digest,
+            mountpoint=mountpoint,
+            pid=kept.pid,
+            control_socket=kept.control_socket,
+            created_at=time.time(),
+            config=kept.config,
+            process=kept.process,
+            ready_seconds=time.monotonic() - started,
+            image_config=kept.image_config,
+            learned_given=kept.learned_given,
+            trace_published=kept.trace_published,
+            stats=kept.stats,
+            kept_key=kept.kept_key,
+            is_bind=True,
+        )
+        self.mounts[bind.id] = bind
+        # A record like a daemon's, so an agent that restarts takes the bind over too.
+        record = MountRecord(
+            id=bind.id,
+            pid=kept.pid,
+            image=kept.image,
+            digest=kept.digest,
+            mountpoint=mountpoint,
+            control_socket=kept.control_socket,
+            owner=self.owner,
+            started_at=bind.created_at,
+            shared_from=kept.mountpoint,
+        )
+        await asyncio.to_thread(write_record_at, record_path(self.run_dir or default_run_dir(), bind.id), record)
+        logger.info("mounted %s at %s (mount %s, kept mount pid %d)", kept.image, mountpoint, bind.id, kept.pid)
+        return bind
+
+    def _release(self, kept: ManagedMount) -> None:
+        """One bind of ``kept`` is gone; the last one starts its keep period."""
+        kept.leases = max(0, kept.leases - 1)
+        if kept.leases == 0 and kept.expiry is None:
+            kept.expiry = asyncio.get_running_loop().call_later(
+                self.config.keep_mounts_seconds,
+                lambda: self._background(self._expire(kept), f"expire-{kept.id}"),
+            )
+
+    async def _expire(self, kept: ManagedMount) -> None:
+        async with self._lock:
+            kept.expiry = None
+            if kept.leases or kept.kept_key is None or self._kept.get(kept.kept_key) is not kept:
+                return
+            del self._kept[kept.kept_key]
+        logger.info("kept mount of %s unused for %.0fs: unmounting", kept.image, self.config.keep_mounts_seconds)
+        await self._end_daemon(kept, lazy=True)
 
     def get(self, mount_id: str) -> ManagedMount:
         """A mount by id (NotFound otherwise)."""
@@ -351,22 +503,45 @@ class MountManager:
         return mount
 
     async def delete(self, mount_id: str, *, lazy: bool = False) -> ManagedMount:
-        """Unmount; the daemon's exit is awaited in the background (the caller's mount point is free now)."""
+        """Unmount; the daemon's exit is awaited in the background (the caller's mount point is free now).
+
+        A bind of a kept mount only takes the bind off: the image stays mounted for the next run.
+        """
         mount = self.get(mount_id)
+        if mount.is_bind:
+            kept = self._kept.get(mount.kept_key or "")
+            trace = await self._unpublished_trace(kept) if kept is not None else None
+            try:
+                await asyncio.to_thread(detach, mount.mountpoint)
+            except OSError as exc:
+                if is_mounted(mount.mountpoint):
+                    raise DependencyUnavailable(f"cannot unmount {mount.mountpoint}: {exc.strerror}") from None
+            self.mounts.pop(mount_id, None)
+            self._remove_bind_record(mount_id)
+            if kept is not None:
+                if trace is not None:
+                    self._background(self._publish_trace(kept, trace), f"learned-{mount_id}")
+                self._release(kept)
+            logger.info("unmounted %s (mount %s; the image stays mounted)", mount.mountpoint, mount_id)
+            return mount
+        await self._end_daemon(mount, lazy=lazy)
+        self.mounts.pop(mount_id, None)
+        return mount
+
+    async def _end_daemon(self, mount: ManagedMount, *, lazy: bool) -> None:
+        """Unmount a daemon's mount, publishing a recording it has not published; reap it in the background."""
         # A first cold start that ends inside its recording window: what it read is the image's start-up,
         # so publish it now (the daemon and its trace go with the unmount). Publishing is not waited for.
         trace = await self._unpublished_trace(mount)
         await asyncio.to_thread(unmount, mount.mountpoint, lazy=lazy)
         if trace is not None:
-            self._background(self._publish_trace(mount, trace), f"learned-{mount_id}")
-        self.mounts.pop(mount_id, None)
+            self._background(self._publish_trace(mount, trace), f"learned-{mount.id}")
         # A daemon ends by itself once unmounted (shutting down its loop takes a while): waiting for it here
         # would only make every `damselfly run` slower. The reaper terminates one that does not end.
         self._background(
-            asyncio.to_thread(wait_for_daemon, mount.mountpoint, mount.pid, mount.process), f"reap-{mount_id}"
+            asyncio.to_thread(wait_for_daemon, mount.mountpoint, mount.pid, mount.process), f"reap-{mount.id}"
         )
-        logger.info("unmounted %s (mount %s)", mount.mountpoint, mount_id)
-        return mount
+        logger.info("unmounted %s (mount %s)", mount.mountpoint, mount.id)
 
     def _background(self, work: Coroutine[Any, Any, Any], name: str) -> None:
         async def logged() -> None:
@@ -418,6 +593,8 @@ class MountManager:
 
     async def poll_once(self) -> None:
         """One round: reap ended daemons, refresh stats, publish finished recordings."""
+        for key in list(self._kept):
+            self._live_kept(key)
         for mount in list(self.mounts.values()):
             if not mount.alive:
                 logger.warning("mount %s at %s ended (daemon %d gone)", mount.id, mount.mountpoint, mount.pid)
@@ -441,6 +618,12 @@ class MountManager:
             except Exception:
                 logger.exception("polling mounts failed")
             await asyncio.sleep(self.config.poll_seconds)
+
+
+def _keep_key(image: str, config: MountConfig, platform: str) -> str:
+    """Which requests may share one kept mount: the same image, config and platform (a short hash)."""
+    material = "\0".join((image, platform, config.model_dump_json()))
+    return hashlib.sha256(material.encode()).hexdigest()[:24]
 
 
 def _digest_key(image: str, config: MountConfig) -> tuple[str, str]:

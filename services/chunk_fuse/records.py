@@ -41,7 +41,7 @@ class MountSpec(BaseModel):
     @property
     def record_path(self) -> Path:
         """Where the daemon's record lives while it runs."""
-        return self.run_dir / "mounts" / f"{self.id}.json"
+        return record_path(self.run_dir, self.id)
 
 
 class MountRecord(BaseModel):
@@ -56,6 +56,9 @@ class MountRecord(BaseModel):
     owner: str
     log_path: Path | None = None
     started_at: float
+    shared_from: Path | None = Field(
+        None, description="A bind of the agent's kept mount at this path (the daemon is that mount's)."
+    )
 
     @property
     def alive(self) -> bool:
@@ -71,7 +74,16 @@ class MountRecord(BaseModel):
 
 def write_record(spec: MountSpec, record: MountRecord) -> None:
     """Write (atomically) the record of a ready mount."""
-    path = spec.record_path
+    write_record_at(spec.record_path, record)
+
+
+def record_path(directory: Path, mount_id: str) -> Path:
+    """Where the record of mount ``mount_id`` lives in the run dir ``directory``."""
+    return directory / "mounts" / f"{mount_id}.json"
+
+
+def write_record_at(path: Path, record: MountRecord) -> None:
+    """Write (atomically) a mount record at ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(record.model_dump_json())

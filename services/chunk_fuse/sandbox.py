@@ -14,6 +14,7 @@ import ctypes
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 CLONE_NEWNS = 0x00020000
@@ -61,6 +62,19 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
         ),
         f"mount {fstype or 'bind'} {source} on {target}",
     )
+
+
+MNT_DETACH = 2
+
+
+def bind_mount(source: Path | str, target: Path | str) -> None:
+    """Bind ``source`` (a mount) onto ``target``: one more place the same file system is seen."""
+    _mount(str(source), str(target), None, MS_BIND)
+
+
+def detach(target: Path | str) -> None:
+    """Lazily take the mount off ``target`` (``umount -l``); the file system lives on where else it is mounted."""
+    _check(_libc.umount2(str(target).encode(), MNT_DETACH), f"umount {target}")
 
 
 def _escape_option(path: str) -> str:

@@ -295,3 +295,86 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
                 damselfly, "run", "--agent", node, "--config", str(config), lazy_python.reference, "--", "true"
             )
             assert bad.returncode == 1 and "wrok_dir" in bad.stderr, bad.stderr
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_the_keep_period(
+    lazy_python: LazyImage, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    first, second, other = tmp_path / "first", tmp_path / "second", tmp_path / "other"
+    for path in (first, second, other):
+        path.mkdir()
+    body = {"backend": {"insecure": True}}
+    config = agent_config(tmp_path, nats_server.url, "node-k", keep_mounts_seconds=2.0)
+    with cleanup_mounts(first, second, other):
+        async with agent(config) as client:
+
+            async def mount(at: Path, config_body: dict[str, Any]) -> dict[str, Any]:
+                response = await client.post(
+                    "/api/v1/mounts",
+                    json={"image": lazy_python.reference, "mountpoint": str(at), "config": config_body},
+                )
+                assert response.status_code == 201, response.text
+                return dict(response.json())
+
+            one = await mount(first, body)
+            two = await mount(second, body)
+            # Both show the one kept mount: one daemon, nothing started for the second.
+            assert one["pid"] == two["pid"] and one["id"] != two["id"] and one["shared"] and two["shared"]
+            assert (first / "etc" / "os-release").read_bytes() == (second / "etc" / "os-release").read_bytes()
+            listing = (await client.get("/api/v1/mounts")).json()
+            assert [(k["pid"], k["in_use"]) for k in listing["kept"]] == [(one["pid"], 2)]
+            # Another config is another mount.
+            three = await mount(other, {**body, "cache": {"work_dir": str(tmp_path / "other-cache")}})
+            assert three["pid"] != one["pid"]
+
+            for mount_id in (one["id"], two["id"], three["id"]):
+                assert (await client.delete(f"/api/v1/mounts/{mount_id}")).status_code == 200
+            assert not any(is_mounted(path) for path in (first, second, other))
+            assert (await client.get("/api/v1/mounts")).json()["mounts"] == []
+            # Unused but kept: the next mount of the image within the period is the same daemon again.
+            assert pid_alive(one["pid"])
+            again = await mount(first, body)
+            assert again["pid"] == one["pid"]
+            assert (first / "etc" / "os-release").read_bytes().startswith(b"PRETTY_NAME")
+            assert (await client.delete(f"/api/v1/mounts/{again['id']}")).status_code == 200
+
+            async def gone() -> bool:
+                kept = (await client.get("/api/v1/mounts")).json()["kept"]
+                return not kept and not pid_alive(one["pid"]) and not pid_alive(three["pid"])
+
+            await wait_for(gone, 20, "the kept mounts to end after the keep period")
+
+
+async def test_with_no_keep_period_an_unmount_ends_the_daemon(
+    lazy_python: LazyImage, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    config = agent_config(tmp_path, nats_server.url, "node-n", keep_mounts_seconds=0)
+    with cleanup_mounts(mnt):
+        async with agent(config) as client:
+            response = await client.post(
+                "/api/v1/mounts",
+                json={
+                    "image": lazy_python.reference,
+                    "mountpoint": str(mnt),
+                    "config": {"backend": {"insecure": True}},
+                },
+            )
+            assert response.status_code == 201, response.text
+            mount = response.json()
+            assert not mount["shared"] and (await client.get("/api/v1/mounts")).json()["kept"] == []
+            assert (await client.delete(f"/api/v1/mounts/{mount['id']}")).status_code == 200
+
+            async def ended() -> bool:
+                return not pid_alive(mount["pid"])
+
+            await wait_for(ended, 20, "the daemon to end")
