@@ -53,6 +53,7 @@ from bench.start_modes import (
     chroot_env,
     chroot_run,
     damselfly_run,
+    drop_agent_memory,
     drop_caches,
     image_config,
     layout_tag,
@@ -187,6 +188,7 @@ class Bench:
         """Drop caches, mark the origin's log, run ``action``, record everything."""
         if agent is not None:
             wait_for_standby(agent)  # Untimed: the node's steady state.
+            drop_agent_memory(agent)
         dropped = drop_caches()
         before = tree_bytes(peer_store) if peer_store else 0
         self.origin_log.mark()
@@ -461,7 +463,11 @@ async def run(settings: Settings) -> dict[str, Any]:
             "peers": settings.peers,
             "containerd": settings.containerd,
             "bytecode_cache": settings.bytecode_cache,
-            "page_cache": "dropped before every timed run (sync; echo 3 > /proc/sys/vm/drop_caches)",
+            "page_cache": (
+                "dropped before every timed run (sync; echo 3 > /proc/sys/vm/drop_caches), and so are the chunks"
+                " the node agent's mount daemons hold in memory (POST /api/v1/caches/drop): an image the agent"
+                " keeps mounted (as nydus-snapshotter does) reads from its disk chunk cache"
+            ),
         },
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -217,6 +217,14 @@ def wait_for_standby(agent: str, timeout: float = 120.0) -> int:
         time.sleep(0.05)
 
 
+def drop_agent_memory(agent: str) -> int:
+    """The node agent's mount daemons forget the chunks they hold in memory (drop_caches does not reach them):
+    a kept image mount then reads from the disk chunk cache, as a fresh one would. How many were dropped."""
+    request = urllib.request.Request(f"{agent}/api/v1/caches/drop", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(json.loads(response.read())["dropped_chunks"])
+
+
 def run_env(run_dir: Path, pycache: Path | None) -> dict[str, str]:
     """The environment of ``damselfly run``: its own run dir, and a bytecode cache unless ``pycache`` is None.
 

@@ -51,6 +51,14 @@ async def list_mounts(request: Request) -> dict[str, Any]:
     }
 
 
+@router.post(
+    "/caches/drop",
+    summary="Every mount daemon forgets the chunks it holds in memory (the disk chunk cache stays).",
+)
+async def drop_memory(request: Request) -> dict[str, Any]:
+    return {"dropped_chunks": await manager(request).drop_memory()}
+
+
 @router.get("/mounts/{mount_id}", summary="One mount, with fresh stats.")
 async def get_mount(mount_id: str, request: Request) -> dict[str, Any]:
     mounts = manager(request)

@@ -152,6 +152,7 @@ class MountDaemon:
         app.router.add_get("/api/v1/stats", self._stats_route)
         app.router.add_get("/api/v1/trace", self._trace_route)
         app.router.add_get("/healthz", self._health_route)
+        app.router.add_post("/api/v1/memory/drop", self._drop_memory_route)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         sock = self.spec.control_socket
@@ -169,6 +170,10 @@ class MountDaemon:
 
     async def _health_route(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": self.ready_seconds is not None})
+
+    async def _drop_memory_route(self, _request: web.Request) -> web.Response:
+        dropped = self.reader.drop_memory() if self.reader is not None else 0
+        return web.json_response({"dropped_chunks": dropped})
 
     async def _stats_route(self, _request: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -204,6 +204,14 @@ class ChunkReader:
 
     # -- public API ---------------------------------------------------------------------------------
 
+    def drop_memory(self) -> int:
+        """Forget the decoded chunks held in memory (as ``drop_caches`` does the page cache); how many."""
+        with self._lock:
+            count = len(self._memory)
+            self._memory.clear()
+            self._memory_used = 0
+        return count
+
     @property
     def ondemand_active(self) -> int:
         """On-demand fetches going on now (the prefetcher stays out of their way)."""

@@ -331,6 +331,10 @@ async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_
             assert (first / "etc" / "os-release").read_bytes() == (second / "etc" / "os-release").read_bytes()
             listing = (await client.get("/api/v1/mounts")).json()
             assert [(k["pid"], k["in_use"]) for k in listing["kept"]] == [(one["pid"], 2)]
+            # What the kept daemon decoded is in its memory until told to forget it (drop_caches cannot).
+            dropped = (await client.post("/api/v1/caches/drop")).json()["dropped_chunks"]
+            assert dropped >= 1
+            assert (await client.post("/api/v1/caches/drop")).json()["dropped_chunks"] == 0
             # Another config is another mount.
             three = await mount(other, {**body, "cache": {"work_dir": str(tmp_path / "other-cache")}})
             assert three["pid"] != one["pid"]
