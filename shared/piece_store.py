@@ -53,8 +53,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -146,6 +146,15 @@ class StoreUsage:
     bytes_on_disk: int
     task_count: int
     piece_count: int
+
+
+@dataclass
+class WrittenPieces:
+    """What :meth:`PieceStore.write_pieces` did: the digest of each piece stored (or already held alike),
+    and why each other one was refused."""
+
+    stored: dict[int, str] = field(default_factory=dict)
+    failed: dict[int, DigestMismatch] = field(default_factory=dict)
 
 
 @dataclass
@@ -555,47 +564,93 @@ class PieceStore:
         recorded digest is always sha256. The bytes are written at the piece's offset
         first and recorded after, so a recorded piece always has its bytes.
         """
+        written = self.write_pieces(task_id, [(number, data, expected_digest)])
+        if number in written.failed:
+            raise written.failed[number]
+        return written.stored[number]
+
+    def write_pieces(self, task_id: str, pieces: Sequence[tuple[int, bytes | memoryview, str | None]]) -> WrittenPieces:
+        """Store several pieces of one task, each as :meth:`write_piece` would, in one lock and one transaction.
+
+        ``pieces`` are ``(number, data, expected_digest)``. A piece whose digest does not match (or differs
+        from the one held) is in ``failed`` and not stored; the others are stored all the same. A wrong
+        length or digest format is the caller's bug: InvalidRequest, nothing stored.
+        """
         validate_task_id(task_id)
-        if expected_digest is not None and not _PIECE_DIGEST_RE.fullmatch(expected_digest):
-            raise InvalidRequest(f"expected digest must be sha256:<hex> or blake3:<hex>, got {expected_digest[:80]!r}")
+        for _number, _data, expected in pieces:
+            if expected is not None and not _PIECE_DIGEST_RE.fullmatch(expected):
+                raise InvalidRequest(f"expected digest must be sha256:<hex> or blake3:<hex>, got {expected[:80]!r}")
+        numbers = [number for number, _data, _expected in pieces]
         with self._read() as conn:
             task = self._require_task(conn, task_id)
-            held = self._piece_row(conn, task_id, number)
-        layout = self._layout(task, number)
-        if len(data) != layout.length:
-            raise InvalidRequest(
-                f"piece {number} of task {task_id} is {layout.length} bytes, got {len(data)}",
-                task_id=task_id,
-                piece=number,
-            )
-        digest = sha256_digest(data)
-        if expected_digest is not None:
-            actual = digest if expected_digest.startswith("sha256:") else "blake3:" + blake3(data).hexdigest()
-            if actual != expected_digest:
-                raise DigestMismatch(expected_digest, actual, what=f"piece {number} of task {task_id}")
-        if held is not None:
-            return self._same_as_held(held, digest)
-        for _ in range(2):
-            with self._locked(task_id, create=False) as fd:
-                if fd is not None:
-                    self._write_locked(task, layout, fd, data, digest)
-                    break
-            # The data file vanished (deleted outside the store) while the task is still recorded:
-            # open_task re-creates it and forgets the pieces it held, then the write is retried.
-            self.open_task(task_id, url=task.url, content_length=task.content_length, piece_size=task.piece_size)
-        else:
-            raise TaskNotFound(f"the data file of task {task_id} keeps disappearing", task_id=task_id)
-        self._wake(task_id, number)
-        return digest
+            held = self._piece_rows(conn, task_id, numbers)
+        written = WrittenPieces()
+        to_write: list[tuple[PieceRange, bytes | memoryview, str]] = []
+        for number, data, expected in pieces:
+            layout = self._layout(task, number)
+            if len(data) != layout.length:
+                raise InvalidRequest(
+                    f"piece {number} of task {task_id} is {layout.length} bytes, got {len(data)}",
+                    task_id=task_id,
+                    piece=number,
+                )
+            digest = sha256_digest(data)
+            if expected is not None:
+                actual = digest if expected.startswith("sha256:") else "blake3:" + blake3(data).hexdigest()
+                if actual != expected:
+                    written.failed[number] = DigestMismatch(expected, actual, what=f"piece {number} of task {task_id}")
+                    continue
+            if number in held:
+                self._settle_held(written, held[number], digest)
+            else:
+                to_write.append((layout, data, digest))
+        if to_write:
+            for _ in range(2):
+                with self._locked(task_id, create=False) as fd:
+                    if fd is not None:
+                        self._write_locked(task, to_write, fd, written)
+                        break
+                # The data file vanished (deleted outside the store) while the task is still recorded:
+                # open_task re-creates it and forgets the pieces it held, then the write is retried.
+                self.open_task(task_id, url=task.url, content_length=task.content_length, piece_size=task.piece_size)
+            else:
+                raise TaskNotFound(f"the data file of task {task_id} keeps disappearing", task_id=task_id)
+        for number in written.stored:
+            self._wake(task_id, number)
+        return written
 
-    def _write_locked(self, task: Any, layout: PieceRange, fd: int, data: bytes | memoryview, digest: str) -> None:
+    def _piece_rows(self, conn: Connection, task_id: str, numbers: Sequence[int]) -> dict[int, Any]:
+        rows = conn.execute(
+            select(_PIECES).where(_PIECES.c.task_id == task_id, _PIECES.c.number.in_(list(numbers)))
+        ).all()
+        return {row.number: row for row in rows}
+
+    def _settle_held(self, written: WrittenPieces, held: Any, digest: str) -> None:
+        try:
+            written.stored[held.number] = self._same_as_held(held, digest)
+        except DigestMismatch as exc:
+            written.failed[held.number] = exc
+
+    def _write_locked(
+        self,
+        task: Any,
+        pieces: list[tuple[PieceRange, bytes | memoryview, str]],
+        fd: int,
+        written: WrittenPieces,
+    ) -> None:
         with self._read() as conn:
-            held = self._piece_row(conn, task.task_id, layout.number)
-        if held is not None:
-            self._same_as_held(held, digest)  # Another writer got there first.
+            held = self._piece_rows(conn, task.task_id, [layout.number for layout, _data, _digest in pieces])
+        new = []
+        for layout, data, digest in pieces:
+            if layout.number in held:
+                self._settle_held(written, held[layout.number], digest)  # Another writer got there first.
+            else:
+                new.append((layout, data, digest))
+        if not new:
             return
         before = _stamp(fd)
-        _pwrite_all(fd, data, layout.start)
+        for layout, data, _digest in new:
+            _pwrite_all(fd, data, layout.start)
         after = _stamp(fd)
         with self._write() as conn:
             current = self._require_task(conn, task.task_id)
@@ -609,15 +664,21 @@ class PieceStore:
                 .values(file_stamp=after, stamp_epoch=epoch, last_write_at=time.time())
             )
             conn.execute(
-                insert(_PIECES).values(
-                    task_id=task.task_id,
-                    number=layout.number,
-                    length=layout.length,
-                    digest=digest,
-                    verified_stamp=after,
-                    verified_epoch=epoch,
-                )
+                insert(_PIECES),
+                [
+                    {
+                        "task_id": task.task_id,
+                        "number": layout.number,
+                        "length": layout.length,
+                        "digest": digest,
+                        "verified_stamp": after,
+                        "verified_epoch": epoch,
+                    }
+                    for layout, _data, digest in new
+                ],
             )
+        for layout, _data, digest in new:
+            written.stored[layout.number] = digest
 
     @staticmethod
     def _same_as_held(held: Any, digest: str) -> str:

@@ -449,28 +449,44 @@ class PeerDownloader:
     async def _fetch_range_of_pieces(
         self, download: TaskDownload, parent: ParentCandidate, run: list[PieceAssignment]
     ) -> list[PieceAssignment]:
-        """One ``Range`` request to ``parent`` for the run's bytes, each piece stored as soon as its bytes
-        are in (readers of the first piece need not wait for the last); returns the pieces it did not yield."""
+        """One ``Range`` request to ``parent`` for the run's bytes, its pieces checked and stored together
+        (one lock, one transaction); returns the pieces it did not yield."""
         task_id = download.request.task_id
         first, last = run[0], run[-1]
         start, end = first.range_start, last.range_start + last.range_length - 1
         started = time.perf_counter()
-        left = list(run)
         try:
             url = f"{parent.upload_url}/download/{task_id}"
             timeout = aiohttp.ClientTimeout(total=self.piece_timeout, sock_connect=3)
             async with self.session.get(url, headers={"Range": f"bytes={start}-{end}"}, timeout=timeout) as response:
                 if response.status != 206 or response.content_length != end - start + 1:
                     # Busy, or not every piece held after all: piece by piece says which, and reports it.
-                    return left
-                for assignment in run:
-                    data = await response.content.readexactly(assignment.range_length)
-                    if self.rate_limit is not None:
-                        await self.rate_limit.take(len(data))
-                    if await self._store_piece(download, assignment, parent, data, started):
-                        left.remove(assignment)
-        except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                    return run
+                data = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             logger.info("range %d-%d of %s from %s failed: %r", start, end, task_id[:12], parent.peer_id, exc)
+            return run
+        if len(data) != end - start + 1:
+            return run
+        if self.rate_limit is not None:
+            await self.rate_limit.take(len(data))
+        view = memoryview(data)
+        pieces = [
+            (a.piece_number, view[a.range_start - start : a.range_start - start + a.range_length], a.digest)
+            for a in run
+        ]
+        written = await asyncio.to_thread(self.store.write_pieces, task_id, pieces)
+        left = []
+        for assignment in run:
+            number = assignment.piece_number
+            if number in written.stored:
+                self._stored(download, assignment, parent, written.stored[number], started)
+                continue
+            failure = written.failed.get(number)
+            if failure is not None:
+                reason = PieceFailureReason.DIGEST_MISMATCH
+                await self._report_failure(download, number, parent, reason, failure.message)
+            left.append(assignment)
         return left
 
     async def _store_piece(
@@ -489,18 +505,26 @@ class PeerDownloader:
         except DigestMismatch as exc:
             await self._report_failure(download, number, parent, PieceFailureReason.DIGEST_MISMATCH, exc.message)
             return False
+        self._stored(download, assignment, parent, digest, started)
+        return True
+
+    def _stored(
+        self, download: TaskDownload, assignment: PieceAssignment, parent: ParentCandidate, digest: str, started: float
+    ) -> None:
+        """A piece is on disk: count it, wake its readers, announce it."""
+        number = assignment.piece_number
         elapsed = time.perf_counter() - started
         kind = ParentKind.SEED if parent.is_seed else ParentKind.PEER
         self.metrics.piece_download_seconds.labels(parent=kind.value).observe(elapsed)
         download.sources[number] = ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
-        download.bytes_from_peers += len(data)
+        download.bytes_from_peers += assignment.range_length
         download.held.add(number)
         download.event(number).set()
-        # Announced in the background: readers were woken above, and the next piece of a run need not
-        # wait for JetStream's acknowledgement of this one.
+        # Announced in the background: readers were woken above, and the next piece need not wait for
+        # JetStream's acknowledgement of this one.
         self._announce_soon(
             PieceAnnounced(
-                task_id=task_id,
+                task_id=download.request.task_id,
                 piece_number=number,
                 range_start=assignment.range_start,
                 range_length=assignment.range_length,
@@ -511,7 +535,6 @@ class PeerDownloader:
                 cost_ms=elapsed * 1000,
             )
         )
-        return True
 
     async def _report_failure(
         self, download: TaskDownload, number: int, parent: ParentCandidate, reason: PieceFailureReason, detail: str

@@ -491,3 +491,35 @@ def test_gc_removes_data_files_no_task_accounts_for(tmp_path: Path) -> None:
         assert store.data_path(kept).exists() and stranger.exists()
     finally:
         store.close()
+
+
+def test_write_pieces_stores_the_good_ones_of_a_run_and_names_each_refused_one(store: PieceStore) -> None:
+    data = blob(5 * PIECE)
+    tid = open_blob(store, "run", data)
+    parts = pieces_of(data)
+    store.write_piece(tid, 1, parts[1])  # Held already, with the same bytes.
+    written = store.write_pieces(
+        tid,
+        [
+            (0, parts[0], sha256_digest(parts[0])),
+            (1, parts[1], None),
+            (2, parts[2], sha256_digest(b"something else")),  # Corrupt in transit.
+            (3, memoryview(parts[3]), "blake3:" + blake3(parts[3]).hexdigest()),
+        ],
+    )
+    assert written.stored == {n: sha256_digest(parts[n]) for n in (0, 1, 3)}
+    assert list(written.failed) == [2] and isinstance(written.failed[2], DigestMismatch)
+    assert sorted(store.held_pieces(tid)) == [0, 1, 3]
+    assert [store.read_piece(tid, n) for n in (0, 1, 3)] == [parts[0], parts[1], parts[3]]
+    # Other bytes for a held piece are refused too, and the held one stays.
+    changed = store.write_pieces(tid, [(3, parts[4], None), (4, parts[4], None)])
+    assert list(changed.failed) == [3] and changed.stored == {4: sha256_digest(parts[4])}
+    assert store.read_piece(tid, 3) == parts[3]
+
+
+def test_write_pieces_refuses_a_wrong_length_and_stores_nothing(store: PieceStore) -> None:
+    data = blob(3 * PIECE)
+    tid = open_blob(store, "short", data)
+    with pytest.raises(InvalidRequest, match=r"piece 1 .* bytes"):
+        store.write_pieces(tid, [(0, data[:PIECE], None), (1, data[PIECE : PIECE + 10], None)])
+    assert store.held_pieces(tid) == {}
