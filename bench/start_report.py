@@ -99,12 +99,13 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
     machinery = seconds["chunk_cache_hit"] - seconds["floor"]
     lines += [
         f"* **Chunk cache hit** ({seconds['chunk_cache_hit']:.2f} s against the floor's {seconds['floor']:.2f} s):"
-        f" {machinery:.2f} s is the machinery, with the page cache dropped and no chunk fetched: `damselfly run`'s"
-        " own start (a Python interpreter and its modules read from disk), the node agent's mount from its"
-        " warm standby daemon (manifest, config and bootstrap, FUSE INIT), every read of `python3 -V` going"
-        " through the Python FUSE daemon to the chunk cache, the sandbox (mount namespace, overlayfs, chroot)"
-        " and the unmount.  Reaching the floor would need reads that never leave the kernel (EROFS over"
-        " fscache, as Nydus does; this kernel has EROFS), not a faster userspace daemon.",
+        f" {machinery:.2f} s is the machinery, with the page cache and the daemons' memory dropped and no chunk"
+        " fetched: `damselfly run`'s own start (a Python interpreter and its modules read from disk), the node"
+        " agent's bind of the image it keeps mounted since the local peer hit run (as nydus-snapshotter keeps an"
+        " image's mount; no daemon starts), every read of `python3 -V` going through the Python FUSE daemon to"
+        " the chunk cache on disk, and the sandbox (mount namespace, overlayfs, chroot).  Reaching the floor"
+        " would need reads that never leave the kernel (EROFS over fscache, as Nydus does; this kernel has"
+        " EROFS) and a run command that is not a Python process, not a faster userspace daemon.",
         f"* **Local peer hit** adds {seconds['local_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: every chunk"
         " read goes to the node's registry-proxy as a range request and is served from its piece store."
         f"  **Remote peer hit** adds {seconds['remote_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: the pieces"
