@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
-import uuid
 from pathlib import Path
 
 RUN_DIR_ENV = "DAMSELFLY_RUN_DIR"
@@ -21,12 +19,16 @@ def run_dir() -> Path:
     if os.geteuid() == 0:
         return Path("/run/damselfly")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "damselfly" if runtime else Path(tempfile.gettempdir()) / f"damselfly-{os.getuid()}"
+    if runtime:
+        return Path(runtime) / "damselfly"
+    import tempfile  # Only here: a container start (this module's importer) should not pay for it.
+
+    return Path(tempfile.gettempdir()) / f"damselfly-{os.getuid()}"
 
 
 def new_mount_id() -> str:
     """A short random id for a mount."""
-    return uuid.uuid4().hex[:12]
+    return os.urandom(6).hex()
 
 
 def is_mounted(path: Path) -> bool:

@@ -14,10 +14,9 @@ import shutil
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.chunk_fuse.documents import read_config_document
 from services.chunk_fuse.rundir import is_mounted, new_mount_id, run_dir
@@ -27,8 +26,7 @@ from shared.errors import InvalidRequest
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass(frozen=True)
-class ProcessUser:
+class ProcessUser(NamedTuple):
     """Who the command runs as."""
 
     uid: int
@@ -195,8 +193,7 @@ def run_through_agent(
             shutil.rmtree(state_dir, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class RunArgs:
+class RunArgs(NamedTuple):
     """``damselfly run``'s arguments."""
 
     image: str
