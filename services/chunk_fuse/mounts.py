@@ -612,6 +612,15 @@ class MountManager:
                 logger.warning("mount %s at %s ended (daemon %d gone)", mount.id, mount.mountpoint, mount.pid)
                 self.mounts.pop(mount.id, None)
                 continue
+            if mount.is_bind and not await asyncio.to_thread(is_mounted, mount.mountpoint):
+                # Taken off from outside (umount): the kept mount has one user less.
+                logger.warning("mount %s at %s was unmounted from outside", mount.id, mount.mountpoint)
+                self.mounts.pop(mount.id, None)
+                self._remove_bind_record(mount.id)
+                kept = self._kept.get(mount.kept_key or "")
+                if kept is not None:
+                    self._release(kept)
+                continue
             await self.refresh(mount)
             learned_stats = mount.stats.get("learned", {})
             recorded = learned_stats and not learned_stats.get("given") and not learned_stats.get("recording")
