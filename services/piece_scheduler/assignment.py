@@ -43,7 +43,7 @@ from shared.schemas import (
     SeedPriority,
     TaskStatus,
 )
-from shared.tasks import piece_count, piece_size_for
+from shared.tasks import piece_count, piece_size_for, ranged_piece_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,11 @@ class AssignmentService:
             length, size = task.requested_layout
             return Layout(length, size, piece_count(length, size))
         if request.content_length is not None:
-            size = request.piece_size or piece_size_for(request.content_length)
+            size = piece_size_for(request.content_length)
+            if request.piece_size:
+                # A proposal never makes more pieces than a range reader's own rule would: a tiny size on a
+                # huge blob would give the piece map (and every announcement stream) millions of entries.
+                size = max(request.piece_size, ranged_piece_size_for(request.content_length))
             return Layout(request.content_length, size, piece_count(request.content_length, size))
         return None
 

@@ -180,3 +180,26 @@ def test_a_ranged_layout_is_valid_and_never_has_too_many_pieces(length: int) -> 
 def test_invalid_piece_sizes_are_refused_with_the_rule(size: int) -> None:
     with pytest.raises(InvalidRequest, match="multiple of 65536"):
         check_piece_size(size)
+
+
+@pytest.mark.parametrize(
+    ("proposed", "length", "size"),
+    [
+        (None, 51 * MIB, 1 * MIB),  # No proposal: the usual rule.
+        (RANGED_PIECE_SIZE, 51 * MIB, RANGED_PIECE_SIZE),  # A range reader's proposal.
+        (2 * MIB, 51 * MIB, 2 * MIB),  # Larger pieces are fewer: taken as proposed.
+        (64 * 1024, 4 * 1024 * MIB, 1 * MIB),  # Too small for the blob: raised to 4096 pieces' worth.
+        (64 * 1024, 100 * 1024 * MIB, 15 * MIB),
+    ],
+)
+def test_the_scheduler_takes_a_proposed_piece_size_but_never_more_pieces_than_the_ranged_rule(
+    proposed: int | None, length: int, size: int
+) -> None:
+    from services.piece_scheduler.assignment import AssignmentService
+    from shared.schemas import AssignmentRequest
+
+    request = AssignmentRequest(task_id="ab" * 32, peer_id="p", url="u", content_length=length, piece_size=proposed)
+    layout = AssignmentService._layout(None, request)
+    assert layout is not None
+    assert layout.piece_size == size
+    assert layout.piece_count <= max(RANGED_MAX_PIECES, piece_count(length, piece_size_for(length)))
