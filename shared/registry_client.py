@@ -14,7 +14,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -171,6 +171,38 @@ class OriginClient:
             if attempt < self.max_attempts:
                 await asyncio.sleep(min(self.base_delay * 2**attempt, 5.0))
         raise DependencyUnavailable(f"origin {url} kept returning short reads for bytes {start}-{end_inclusive}")
+
+    async def range_parts(
+        self, url: str, start: int, lengths: Sequence[int], authorization: str | None
+    ) -> AsyncIterator[bytes]:
+        """Consecutive parts of one range request (``lengths`` bytes each, from ``start``), each yielded as soon
+        as its bytes have arrived, so a caller can use the first part while the rest are on the wire.
+
+        One attempt (the request itself is retried like any other): an origin that ignores Range, a failed
+        status or a short read raises :class:`UpstreamError` or :class:`DependencyUnavailable` after the parts
+        already yielded, and the caller fetches what is left another way.
+        """
+        end_inclusive = start + sum(lengths) - 1
+        response = await self.request(
+            "GET", url, headers={"Range": f"bytes={start}-{end_inclusive}"}, authorization=authorization
+        )
+        try:
+            raise_for_origin_status(response, url)
+            if response.status != 206:
+                raise UpstreamError(f"origin {url} answered a range request with {response.status}, not 206")
+            for length in lengths:
+                try:
+                    part = await response.content.readexactly(length)
+                except (
+                    asyncio.IncompleteReadError,
+                    aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError,
+                    TimeoutError,
+                ) as exc:
+                    raise DependencyUnavailable(f"origin {url} cut bytes {start}-{end_inclusive} short: {exc}") from exc
+                yield part
+        finally:
+            response.release()
 
     async def content_length(self, url: str, authorization: str | None) -> int:
         """The size of the resource at ``url`` (HEAD, or a one-byte range when HEAD has no length)."""

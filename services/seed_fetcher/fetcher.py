@@ -1,7 +1,9 @@
 """Back to source: fetch a blob's pieces from the origin, store each, announce each at once.
 
 Pieces are fetched with parallel ``Range`` requests, lowest numbers first, so peers streaming the blob
-get its beginning soonest. Each stored piece is announced the moment it lands. A job redelivered after
+get its beginning soonest. Each stored piece is announced the moment it lands. Consecutive small pieces
+(a lazy reader's layout) share one request of at most ``RUN_BYTES``, each stored and announced as soon as
+its own bytes are in; what a cut request did not bring is fetched piece by piece. A job redelivered after
 a crash resumes: pieces already in the store are announced again (JetStream drops the duplicates) and
 only the missing ones are fetched.
 
@@ -49,6 +51,10 @@ from shared.tasks import piece_count, piece_range, piece_size_for
 logger = logging.getLogger(__name__)
 
 _READ_BLOCK = 4 * 1024 * 1024
+# Consecutive small pieces (a lazy reader's 256 KiB layout) are fetched with one origin range request of
+# at most this many bytes; each is stored and announced as soon as its own bytes are in. Larger pieces
+# (whole-blob layouts) are one request each, as before.
+RUN_BYTES = 1024 * 1024
 
 
 class PieceQueue:
@@ -86,6 +92,19 @@ class PieceQueue:
             del self._pending[number]
             return number
         return None
+
+    def next_run(self, limit: int) -> list[int]:
+        """The next piece and the pending ones right after it, at most ``limit``: one range request's worth.
+
+        Empty when nothing is left."""
+        first = self.next()
+        if first is None:
+            return []
+        run = [first]
+        while len(run) < limit and run[-1] + 1 in self._pending:
+            del self._pending[run[-1] + 1]
+            run.append(run[-1] + 1)
+        return run
 
 
 class SeedFetcher:
@@ -219,13 +238,15 @@ class SeedFetcher:
             subjects.for_id(subjects.SEED_PRIORITY, job.task_id), SeedPriority, prioritize
         )
 
+        run_limit = max(1, RUN_BYTES // piece_size)
+
         async def worker() -> None:
             nonlocal last_activity
             while True:
                 arrived.clear()
-                number = queue.next()
-                if number is not None:
-                    await self._fetch_piece(job, number, length, piece_size)
+                run = queue.next_run(run_limit)
+                if run:
+                    await self._fetch_run(job, run, length, piece_size)
                     last_activity = time.monotonic()
                     continue
                 if whole:
@@ -247,15 +268,61 @@ class SeedFetcher:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
+    async def _fetch_run(self, job: SeedFetchRequested, numbers: list[int], length: int, piece_size: int) -> None:
+        """Consecutive pieces with one origin range request, each stored and announced as soon as it is in.
+
+        Whatever the request did not bring (an origin that ignores Range, a cut connection) is then
+        fetched piece by piece, with the usual retries."""
+        if len(numbers) == 1:
+            await self._fetch_piece(job, numbers[0], length, piece_size)
+            return
+        pieces = [piece_range(number, length, piece_size) for number in numbers]
+        started = time.perf_counter()
+        stores: list[asyncio.Task[None]] = []
+        try:
+            parts = self.origin.range_parts(job.url, pieces[0].start, [p.length for p in pieces], job.authorization)
+            async for data in parts:
+                await self._took(data)
+                number = numbers[len(stores)]
+                store = self._store_and_announce(job, number, data, length, piece_size, started)
+                stores.append(asyncio.create_task(store))
+        except DamselflyError as exc:
+            logger.info(
+                "range of pieces %d-%d of %s ended after %d: %s; fetching the rest piece by piece",
+                numbers[0],
+                numbers[-1],
+                job.url,
+                len(stores),
+                exc,
+                extra={"task_id": job.task_id},
+            )
+        finally:
+            self.metrics.origin_range_seconds.observe(time.perf_counter() - started)
+        outcomes = await asyncio.gather(*stores, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for number in numbers[len(stores) :]:
+            await self._fetch_piece(job, number, length, piece_size)
+
     async def _fetch_piece(self, job: SeedFetchRequested, number: int, length: int, piece_size: int) -> None:
         piece = piece_range(number, length, piece_size)
         started = time.perf_counter()
         data = await self.origin.fetch_range(job.url, piece.start, piece.end - 1, job.authorization)
         self.metrics.origin_range_seconds.observe(time.perf_counter() - started)
+        await self._took(data)
+        await self._store_and_announce(job, number, data, length, piece_size, started)
+
+    async def _took(self, data: bytes) -> None:
+        """Count bytes that came from the origin (and hold to the rate limit)."""
         self.metrics.origin_bytes.inc(len(data))
         if self.rate_limit is not None:
             await self.rate_limit.take(len(data))
         self.bytes_fetched += len(data)
+
+    async def _store_and_announce(
+        self, job: SeedFetchRequested, number: int, data: bytes, length: int, piece_size: int, started: float
+    ) -> None:
         digest = await asyncio.to_thread(self.store.write_piece, job.task_id, number, data)
         await self._announce(job, number, length, piece_size, digest, cost_ms=(time.perf_counter() - started) * 1000)
 

@@ -142,6 +142,21 @@ def test_the_seed_fetches_awaited_pieces_first_then_the_rest_in_order() -> None:
     assert queue.next() is None
 
 
+def test_the_seed_takes_consecutive_pending_pieces_as_one_run() -> None:
+    from services.seed_fetcher.fetcher import PieceQueue
+
+    queue = PieceQueue([2, 3, 4, 5, 6, 9, 10])
+    queue.prioritize([9])
+    assert queue.next_run(4) == [9, 10]  # An awaited piece first, with what follows it.
+    assert queue.next_run(4) == [2, 3, 4, 5]  # At most the limit.
+    queue.prioritize([6])
+    assert queue.next_run(1) == [6]
+    assert queue.next_run(4) == []
+    queue.add([7, 8, 11])
+    assert queue.next_run(4) == [7, 8]  # 9 and 10 were fetched: the run stops before them.
+    assert queue.next_run(4) == [11]
+
+
 def test_an_on_demand_queue_takes_new_pieces_once_each() -> None:
     from services.seed_fetcher.fetcher import PieceQueue
 
