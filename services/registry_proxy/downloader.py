@@ -4,7 +4,9 @@ One :class:`TaskDownload` per task per node, however many clients ask for the bl
 scheduler for assignments (NATS request/reply), fetches pieces from parents' upload servers with a few
 in flight, lowest wanted number first, checks each against its digest while storing it (one copy on
 disk, in the store the node's cache-store serves from), announces it at once, and wakes the readers
-streaming that piece to clients. A parent that fails or serves a corrupt piece is reported
+streaming that piece to clients. A range reader (a lazy mount) is handed a small piece from memory as
+soon as its bytes match the assigned digest, while it is being written: the store's write and a read
+back are off the path of the read that waits for it. A parent that fails or serves a corrupt piece is reported
 (``piece.failed``) and the next parent is tried; when none is left the scheduler is asked again.
 """
 
@@ -38,7 +40,7 @@ from shared.schemas import (
     PieceSource,
     TaskStatus,
 )
-from shared.tasks import piece_range, pieces_covering, ranged_piece_size_for
+from shared.tasks import piece_range, pieces_covering, ranged_piece_size_for, sha256_digest
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ READ_CHUNK = 1024 * 1024
 # Consecutive pieces from one parent are fetched with one range request of at most this many bytes.
 RUN_BYTES = 1024 * 1024
 LAYOUT_TIMEOUT_SECONDS = 120.0
+# Pieces up to this size are handed to waiting range readers from memory while they are stored.
+FRESH_PIECE_MAX = 1024 * 1024
 # A partial download (no prefetch) waits this long for more ranges before it lets go of its state.
 IDLE_DOWNLOAD_SECONDS = 60.0
 
@@ -75,6 +79,9 @@ class TaskDownload:
     assignments: dict[int, PieceAssignment] = field(default_factory=dict)
     fetching: set[int] = field(default_factory=set)
     held: set[int] = field(default_factory=set)
+    # Pieces fetched and checked against their digest, not yet on disk: readers serve them from memory
+    # while they are being stored (a lazy reader waits for exactly these bytes).
+    fresh: dict[int, bytes] = field(default_factory=dict)
     failure: DamselflyError | None = None
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     runner: asyncio.Task[None] | None = None
@@ -85,6 +92,26 @@ class TaskDownload:
     # piece it lacks was announced. The delay is for asking again about the same missing pieces.
     ask_now: bool = False
     sources: dict[int, ServedFrom] = field(default_factory=dict)  # Pieces fetched by this download.
+
+    def hand_over(self, number: int, data: bytes | memoryview, digest: str, source: ServedFrom) -> bool:
+        """Let range readers have a fetched piece from memory while it is being stored, if its bytes match
+        ``digest`` (checked here; the store checks them again as it writes them). True if handed over.
+
+        Only for range readers, only small pieces (their layout) and only sha256 digests (what holders
+        announce): hashing one on the event loop costs well under a millisecond."""
+        if self.wanted is None or len(data) > FRESH_PIECE_MAX or not digest.startswith("sha256:"):
+            return False
+        if sha256_digest(data) != digest:
+            return False  # The store will refuse it, and the piece is reported.
+        self.sources[number] = source
+        self.fresh[number] = bytes(data)
+        self.event(number).set()
+        return True
+
+    def take_back(self, number: int) -> None:
+        """The piece is on disk now, or could not be stored: readers no longer take it from memory."""
+        if self.fresh.pop(number, None) is not None and number not in self.held:
+            self.event(number).clear()
 
     def event(self, number: int) -> asyncio.Event:
         """The event set when piece ``number`` is on disk."""
@@ -194,6 +221,14 @@ class PeerDownloader:
             number = numbers[index]
             if download is not None:
                 await self._wait_for_piece(download, number)
+                fresh = download.fresh.get(number)
+                if fresh is not None:
+                    piece = piece_range(number, task.content_length, task.piece_size)
+                    part = fresh[max(first, piece.start) - piece.start : min(last, piece.end - 1) - piece.start + 1]
+                    yield part
+                    self.metrics.served_bytes.labels(source=self._source(download, number).value).inc(len(part))
+                    index += 1
+                    continue
             # Extend the run over the following pieces that are on disk too, from the same source.
             source = self._source(download, number)
             run_end = index + 1
@@ -219,7 +254,7 @@ class PeerDownloader:
 
     async def _wait_for_piece(self, download: TaskDownload, number: int) -> None:
         event = download.event(number)
-        while number not in download.held:
+        while number not in download.held and number not in download.fresh:
             if download.failure is not None:
                 raise download.failure
             with contextlib.suppress(TimeoutError):
@@ -475,7 +510,13 @@ class PeerDownloader:
             (a.piece_number, view[a.range_start - start : a.range_start - start + a.range_length], a.digest)
             for a in run
         ]
-        written = await asyncio.to_thread(self.store.write_pieces, task_id, pieces)
+        for assignment, (_number, piece, _digest) in zip(run, pieces, strict=True):
+            download.hand_over(assignment.piece_number, piece, assignment.digest, self._source_from(download, parent))
+        try:
+            written = await asyncio.to_thread(self.store.write_pieces, task_id, pieces)
+        finally:
+            for assignment in run:
+                download.take_back(assignment.piece_number)
         left = []
         for assignment in run:
             number = assignment.piece_number
@@ -500,13 +541,20 @@ class PeerDownloader:
         """Check and store a fetched piece, wake its readers and announce it; False (reported) if corrupt."""
         task_id = download.request.task_id
         number = assignment.piece_number
+        download.hand_over(number, data, assignment.digest, self._source_from(download, parent))
         try:
             digest = await asyncio.to_thread(self.store.write_piece, task_id, number, data, assignment.digest)
         except DigestMismatch as exc:
             await self._report_failure(download, number, parent, PieceFailureReason.DIGEST_MISMATCH, exc.message)
             return False
+        finally:
+            download.take_back(number)
         self._stored(download, assignment, parent, digest, started)
         return True
+
+    @staticmethod
+    def _source_from(download: TaskDownload, parent: ParentCandidate) -> ServedFrom:
+        return ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
 
     def _stored(
         self, download: TaskDownload, assignment: PieceAssignment, parent: ParentCandidate, digest: str, started: float
@@ -516,7 +564,7 @@ class PeerDownloader:
         elapsed = time.perf_counter() - started
         kind = ParentKind.SEED if parent.is_seed else ParentKind.PEER
         self.metrics.piece_download_seconds.labels(parent=kind.value).observe(elapsed)
-        download.sources[number] = ServedFrom.ORIGIN if download.seed_requested and parent.is_seed else ServedFrom.PEER
+        download.sources[number] = self._source_from(download, parent)
         download.bytes_from_peers += assignment.range_length
         download.held.add(number)
         download.event(number).set()
