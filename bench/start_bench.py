@@ -60,13 +60,14 @@ from bench.start_modes import (
     oci_containerd,
     oci_skopeo_umoci,
     opened_bytes,
+    python_start,
     run_env,
     tree_bytes,
     umoci_unpack,
     wait_for_standby,
     write_run_config,
 )
-from bench.start_report import MODES, evaluate, write_chart, write_markdown
+from bench.start_report import MODES, compare, evaluate, write_chart, write_markdown
 from services.cli.cluster import LocalCluster, plan_cluster
 from services.cli.origin import LocalOrigin
 
@@ -93,6 +94,7 @@ class Settings:
     qdisc_wait: float
     bytecode_cache: bool
     report_only: bool
+    compare: Path | None = None
 
 
 def log(message: str) -> None:
@@ -259,6 +261,7 @@ class Bench:
             )  # fmt: skip
             await self.cluster_round(run)
             await asyncio.to_thread(self.measure, "floor", run, self.floor)
+            await asyncio.to_thread(self.measure, "python_start", run, python_start)
 
     def floor(self) -> Timed:
         """The command in a chroot of the image unpacked on local disk."""
@@ -505,7 +508,7 @@ def parse_args(argv: list[str] | None) -> Settings:
     )
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="an OCI layout (default the python image)")
     parser.add_argument("--cmd", default="python3 -V", help="the command to run (default 'python3 -V')")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per mode (default 3)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per mode (default 5)")
     parser.add_argument("--rate", default="100mbit", help="the origin's shaped rate, a tc rate (default 100mbit)")
     parser.add_argument("--no-shape", action="store_true", help="do not shape the origin (no tc)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default bench/results)")
@@ -518,6 +521,11 @@ def parse_args(argv: list[str] | None) -> Settings:
         "--report-only",
         action="store_true",
         help="rewrite start.md and start.png from <out>/start.json, measure nothing",
+    )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        help="a start.json to check this run's ratios against (default: the one in --out, before it is replaced)",
     )
     parser.add_argument(
         "--no-bytecode-cache",
@@ -539,6 +547,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         qdisc_wait=args.qdisc_wait,
         bytecode_cache=not args.no_bytecode_cache,
         report_only=args.report_only,
+        compare=args.compare,
     )
 
 
@@ -567,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"shaping failed: {exc}")
         return 1
     settings.out.mkdir(parents=True, exist_ok=True)
+    previous_path = settings.compare or settings.out / "start.json"
+    if previous_path.is_file():
+        try:
+            doc["reproduction"] = compare(json.loads(previous_path.read_text()), doc, str(previous_path))
+        except (ValueError, KeyError) as exc:
+            log(f"cannot compare with {previous_path}: {exc!r}")
     (settings.out / "start.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_markdown(doc, settings.out / "start.md")
     write_chart(doc, settings.out / "start.png")

@@ -255,6 +255,14 @@ def damselfly_run(
     return Timed(time.monotonic() - started, _first_line(output))
 
 
+def python_start() -> Timed:
+    """A reference, not a mode: the bare start of the interpreter ``damselfly run`` is written in (no site, no
+    module of ours), what any Python run command pays before it does anything."""
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-S", "-c", "pass"], check=True, timeout=60)
+    return Timed(time.monotonic() - started, "")
+
+
 def opened_bytes(rootfs: Path, cmd: Sequence[str], env: dict[str, str], trace: Path) -> dict[str, int]:
     """Files (and their bytes) the command opens or execs, traced with strace in the unpacked chroot."""
     if shutil.which("strace") is None:

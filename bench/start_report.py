@@ -9,7 +9,17 @@ from bench.p2p_shaping import parse_rate
 from shared.tasks import RANGED_PIECE_SIZE
 
 #: Every mode in chart order, with its label and the seed's figure (python:3.9.15, read off its chart).
-MODES = ["oci", "oci_skopeo", "lazy_cold", "p2p_cold", "remote_peer_hit", "local_peer_hit", "chunk_cache_hit", "floor"]
+MODES = [
+    "oci",
+    "oci_skopeo",
+    "lazy_cold",
+    "p2p_cold",
+    "remote_peer_hit",
+    "local_peer_hit",
+    "chunk_cache_hit",
+    "floor",
+    "python_start",
+]
 LABELS = {
     "oci": "OCIv1 (containerd)",
     "oci_skopeo": "OCIv1 (skopeo+umoci+chroot)",
@@ -19,6 +29,7 @@ LABELS = {
     "local_peer_hit": "Local peer hit",
     "chunk_cache_hit": "Chunk cache hit",
     "floor": "Floor: chroot of local unpack",
+    "python_start": "Reference: bare Python start (`python -S -c pass`)",
 }
 SEED_SECONDS = {
     "oci": 27.1,
@@ -56,6 +67,66 @@ def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
+def compare(previous: dict[str, Any], doc: dict[str, Any], source: str) -> dict[str, Any]:
+    """This run's ratios against an earlier run's: a ratio is reproduced when the two runs' ratio ranges (run i
+    of the mode against run i of OCIv1: the noise each run reports) overlap."""
+    before, now = previous["summary"]["modes"], doc["summary"]["modes"]
+    rows = []
+    for mode in MODES:
+        if mode not in before or mode not in now or mode == doc["summary"]["baseline"]:
+            continue  # The baseline's ratio is 1 by definition.
+        if "ratio_min" not in before[mode] or "ratio_min" not in now[mode]:
+            continue
+        old_low, old_high = before[mode]["ratio_min"], before[mode]["ratio_max"]
+        low, high = now[mode]["ratio_min"], now[mode]["ratio_max"]
+        rows.append(
+            {
+                "mode": mode,
+                "previous_ratio": before[mode]["ratio"],
+                "previous_range": [old_low, old_high],
+                "ratio": now[mode]["ratio"],
+                "range": [low, high],
+                "median_change": round(now[mode]["ratio"] / before[mode]["ratio"] - 1, 3)
+                if before[mode]["ratio"]
+                else None,
+                "reproduced": low <= old_high and old_low <= high,
+            }
+        )
+    return {
+        "previous": source,
+        "previous_started": previous.get("started"),
+        "previous_baseline": previous["summary"]["baseline"],
+        "modes": rows,
+        "all_reproduced": all(row["reproduced"] for row in rows),
+    }
+
+
+def _reproduction(doc: dict[str, Any]) -> list[str]:
+    reproduction = doc.get("reproduction")
+    if not reproduction or not reproduction["modes"]:
+        return []
+    verdict = "every ratio reproduced" if reproduction["all_reproduced"] else "**not every ratio reproduced**"
+    lines = [
+        "",
+        f"## Reproduction: against the run of {reproduction['previous_started']}: {verdict}",
+        "",
+        "A ratio is reproduced when this run's ratio range and the earlier run's overlap (each range is the noise"
+        f" its run reports: run i of the mode against run i of OCIv1).  Earlier run: `{reproduction['previous']}`"
+        f" (baseline `{reproduction['previous_baseline']}`).",
+        "",
+        "| mode | earlier ratio | earlier range | this ratio | this range | median change | reproduced |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in reproduction["modes"]:
+        change = "" if row["median_change"] is None else f"{row['median_change']:+.1%}"
+        lines.append(
+            f"| {LABELS.get(row['mode'], row['mode'])} | {row['previous_ratio']:.4f}"
+            f" | {row['previous_range'][0]:.4f}-{row['previous_range'][1]:.4f} | {row['ratio']:.4f}"
+            f" | {row['range'][0]:.4f}-{row['range'][1]:.4f} | {change} | {'yes' if row['reproduced'] else '**no**'} |"
+        )
+    return lines
+
+
 def _mb(value: int | None) -> str:
     return "" if value is None else f"{value / 1e6:.2f}"
 
@@ -91,12 +162,23 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
             f" because the seed fetches whole pieces ({RANGED_PIECE_SIZE // 1024} KiB, the layout a range reader"
             " proposes; only those readers ask for: on-demand jobs) and a chunk read costs the pieces around it;"
             f" at {settings['rate']} the difference is {extra_wire:.2f} s on"
-            f" the wire.  The other {beyond:.2f} s are the P2P hops of about {pieces:.0f} pieces, fetched one after"
-            " another because `python3 -V` opens its files one after another: the proxy's assignment request, the"
-            " seed's range request to the origin, its announcement, the download from the seed, each piece"
-            " stored and verified on the seed and again on the node."
+            f" the wire.  The other {beyond:.2f} s are the P2P hops of about {pieces:.0f} pieces, in reads taken one"
+            " after another because `python3 -V` opens its files one after another: for each read the proxy's"
+            " assignment request, the seed's range request to the origin (consecutive pieces in one), each piece"
+            " stored on the seed before it is announced, and the node's download from the seed's cache-store"
+            " (the node hands the pieces to the read from memory as soon as their digests match, and stores them"
+            " meanwhile).  Five Python processes (FUSE daemon, proxy, scheduler, seed-fetcher, seed cache-store)"
+            " share the machine's cores for each read, so every hop's few milliseconds of CPU is also latency."
         )
     machinery = seconds["chunk_cache_hit"] - seconds["floor"]
+    python = modes.get("python_start", {}).get("median_s")
+    bare_python = (
+        f"  A bare start of the Python interpreter `damselfly run` is written in (`python -S -c pass`, no module"
+        f" of ours) takes {python:.3f} s with the page cache dropped, {python / seconds['floor']:.1f}x the floor"
+        f" by itself: a Python run command cannot come within {FLOOR_GOAL}x of the floor however little it does."
+        if python and seconds["floor"]
+        else ""
+    )
     lines += [
         f"* **Chunk cache hit** ({seconds['chunk_cache_hit']:.2f} s against the floor's {seconds['floor']:.2f} s):"
         f" {machinery:.2f} s is the machinery, with the page cache and the daemons' memory dropped and no chunk"
@@ -105,7 +187,7 @@ def _analysis(doc: dict[str, Any]) -> list[str]:
         " image's mount; no daemon starts), every read of `python3 -V` going through the Python FUSE daemon to"
         " the chunk cache on disk, and the sandbox (mount namespace, overlayfs, chroot).  Reaching the floor"
         " would need reads that never leave the kernel (EROFS over fscache, as Nydus does; this kernel has"
-        " EROFS) and a run command that is not a Python process, not a faster userspace daemon.",
+        " EROFS) and a run command that is not a Python process, not a faster userspace daemon." + bare_python,
         f"* **Local peer hit** adds {seconds['local_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: every chunk"
         " read goes to the node's registry-proxy as a range request and is served from its piece store."
         f"  **Remote peer hit** adds {seconds['remote_peer_hit'] - seconds['chunk_cache_hit']:.2f} s: the pieces"
@@ -165,6 +247,7 @@ def write_markdown(doc: dict[str, Any], path: Path) -> None:
     for goal in doc["goals"]:
         lines.append(f"| {goal['goal']} | {goal['value']} | {'yes' if goal['met'] else 'no'} | {goal['missed_by']} |")
     lines += _analysis(doc)
+    lines += _reproduction(doc)
     for profile in doc.get("profiles", []):
         lines += ["", f"## Where the time goes: {LABELS.get(profile.get('mode', ''), 'profile')} under py-spy", ""]
         if "error" in profile:
