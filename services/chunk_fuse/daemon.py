@@ -300,6 +300,8 @@ class MountDaemon:
                 merging_size=config.prefetch.merging_size,
                 fetch_timeout=config.backend.timeout * (config.backend.retry_limit + 2) * 2,
                 stats=self.read_stats,
+                # A cold read waits for the network only; the chunk reaches the disk cache just after.
+                write_behind=True,
             )
             learned = spec.learned_chunks or []
             if config.learned_prefetch.enable and spec.learned_chunks is None:
@@ -346,6 +348,8 @@ class MountDaemon:
         remove_record(self.spec)
         if self.prefetcher is not None:
             self.prefetcher.stop()
+        if self.reader is not None:
+            self.reader.close()  # What was fetched is in the chunk cache before the daemon goes.
         with contextlib.suppress(Exception):
             self.loop.call(self._close(), timeout=10)
         self.loop.stop()

@@ -9,12 +9,18 @@ same layer, usually read next) until the run reaches ``amplify_io`` bytes; runs 
 merged into one HTTP Range request of at most ``merging_size`` bytes.  Every fetched chunk is decompressed,
 checked against its digest when ``digest_validate`` is on, and written to the disk cache.  A chunk that
 fails its check fails the read with EIO (the kernel gets ``-EIO``) and is not cached.
+
+With ``write_behind`` (the mount daemon's setting) the disk cache is written by one writer thread after the
+read that fetched a chunk has its bytes: until then the chunk is served from the writer's queue, and
+:meth:`ChunkReader.flush` (or ``close``) waits for the queue to drain.  A cold start then waits for the
+network only, not for the disk.
 """
 
 from __future__ import annotations
 
 import bisect
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import threading
@@ -30,6 +36,9 @@ from shared.image_format.compression import Compressor, decompress
 from shared.image_format.reader import decode_chunk
 
 logger = logging.getLogger(__name__)
+
+#: Chunks waiting for the write-behind thread hold at most this many bytes; past it a fetch writes itself.
+WRITE_BEHIND_BYTES = 64 << 20
 
 #: Read latency buckets (seconds): cached reads take tens of microseconds, cold ones a round trip or more.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -184,6 +193,7 @@ class ChunkReader:
         memory_bytes: int = 64 << 20,
         fetch_timeout: float = 120.0,
         stats: ReadStats | None = None,
+        write_behind: bool = False,
     ) -> None:
         self.bootstrap = bootstrap
         self.fetcher = fetcher
@@ -201,16 +211,42 @@ class ChunkReader:
         self._memory_used = 0
         self._verified: set[int] = set()
         self._ondemand_active = 0
+        self.write_behind = write_behind
+        # Verified chunks fetched but not yet in the disk cache (write-behind), and their writer.
+        self._unwritten: dict[int, bytes] = {}
+        self._unwritten_bytes = 0
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._closed = False
 
     # -- public API ---------------------------------------------------------------------------------
 
     def drop_memory(self) -> int:
-        """Forget the decoded chunks held in memory (as ``drop_caches`` does the page cache); how many."""
+        """Forget the decoded chunks held in memory (as ``drop_caches`` does the page cache); how many.
+
+        Chunks still waiting to be written are written first, so afterwards every read is from disk."""
+        self.flush()
         with self._lock:
             count = len(self._memory)
             self._memory.clear()
             self._memory_used = 0
         return count
+
+    def flush(self) -> None:
+        """Wait until every chunk fetched so far is in the disk cache (write-behind)."""
+        with self._lock:
+            writer = self._writer
+        if writer is not None:
+            # One writer thread takes the queue in order: once this no-op has run, all before it have.
+            with contextlib.suppress(RuntimeError):  # Shut down meanwhile: close() drained it.
+                writer.submit(lambda: None).result()
+
+    def close(self) -> None:
+        """Write what is still queued and stop the writer; later fetches write to the cache themselves."""
+        with self._lock:
+            self._closed = True
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     @property
     def ondemand_active(self) -> int:
@@ -232,7 +268,7 @@ class ChunkReader:
 
     def is_available(self, chunk: ChunkInfo) -> bool:
         """Whether a chunk is in memory or on disk (no fetch needed)."""
-        if chunk.index in self._memory:
+        if chunk.index in self._memory or chunk.index in self._unwritten:
             return True
         return self.cache is not None and self.cache.contains(chunk)
 
@@ -279,6 +315,8 @@ class ChunkReader:
             data = self._memory.get(chunk.index)
             if data is not None:
                 self._memory.move_to_end(chunk.index)
+            else:
+                data = self._unwritten.get(chunk.index)
         if data is not None:
             self.stats.add(chunks_from_memory=1)
             return data if lo == 0 and hi == len(data) else data[lo:hi]
@@ -412,8 +450,7 @@ class ChunkReader:
                         logger.error("chunk %d of blob %s is corrupt: %s", chunk.index, run.blob_sha256[:12], exc)
                         self._fail([chunk], exc)
                         continue
-                    if self.cache is not None:
-                        self.cache.write(chunk, raw)
+                    self._store(chunk, raw)
                     self._verified.add(chunk.index)
                     self._remember(chunk.index, raw)
                     if prefetch:
@@ -425,6 +462,43 @@ class ChunkReader:
             # Nothing claimed may stay pending: waiters would hang until their timeout.
             leftover = [c for c in claimed if c.index in self._inflight and not self._inflight[c.index].done()]
             self._fail(leftover, RuntimeError("fetch abandoned"))
+
+    def _store(self, chunk: ChunkInfo, raw: bytes) -> None:
+        """Put a verified chunk in the disk cache, behind the read that fetched it when write-behind is on."""
+        cache = self.cache
+        if cache is None:
+            return
+        with self._lock:
+            behind = (
+                self.write_behind
+                and not self._closed
+                and chunk.index not in self._unwritten
+                and self._unwritten_bytes + len(raw) <= WRITE_BEHIND_BYTES
+            )
+            if behind:
+                self._unwritten[chunk.index] = raw
+                self._unwritten_bytes += len(raw)
+                if self._writer is None:
+                    self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
+                writer = self._writer
+        if not behind:
+            cache.write(chunk, raw)
+            return
+        writer.submit(self._write_queued, cache, chunk)
+
+    def _write_queued(self, cache: ChunkCache, chunk: ChunkInfo) -> None:
+        with self._lock:
+            raw = self._unwritten.get(chunk.index)
+        if raw is None:
+            return
+        try:
+            cache.write(chunk, raw)  # Disk trouble is logged there; the chunk is then just not cached.
+        except Exception:
+            logger.exception("writing chunk %d to the cache failed", chunk.index)
+        finally:
+            with self._lock:
+                if self._unwritten.pop(chunk.index, None) is not None:
+                    self._unwritten_bytes -= len(raw)
 
     def _decode(self, chunk: ChunkInfo, data: memoryview) -> bytes:
         if self.digest_validate:

@@ -20,6 +20,7 @@ from services.chunk_fuse.reader import AccessTrace, ChunkReader, LatencyHistogra
 from shared.image_format import (
     BlobInfo,
     Bootstrap,
+    ChunkInfo,
     ConversionOptions,
     LocalBlobSource,
     convert_layers,
@@ -294,3 +295,43 @@ def test_latency_histogram_is_cumulative() -> None:
     snapshot = histogram.snapshot()
     assert snapshot["buckets"] == [[0.001, 1], [0.01, 3], ["+Inf", 4]]
     assert snapshot["count"] == 4
+
+
+class GatedCache(ChunkCache):
+    """A chunk cache whose writes wait for a gate: a slow disk, held still."""
+
+    def __init__(self, work_dir: Path, gate: threading.Event) -> None:
+        super().__init__(work_dir)
+        self.gate = gate
+
+    def write(self, chunk: ChunkInfo, data: bytes) -> None:
+        assert self.gate.wait(10), "the gate never opened"
+        super().write(chunk, data)
+
+
+def test_with_write_behind_a_read_waits_for_the_network_not_the_disk(
+    image: tuple[Bootstrap, Path], tmp_path: Path
+) -> None:
+    bootstrap, blobs = image
+    gate = threading.Event()
+    cache = GatedCache(tmp_path, gate)
+    fetcher = CountingFetcher(LocalBlobSource(blobs))
+    # No memory LRU: a chunk not yet on disk can only come from the writer's queue.
+    reader = ChunkReader(bootstrap, fetcher, cache, amplify_io=0, memory_bytes=0, write_behind=True)
+    node = ino(bootstrap, "/big.bin")
+    chunks = [ref.chunk for ref in bootstrap.chunks_for_range(node, 0, 2 * CHUNK)]
+    assert reader.read(node, 0, 2 * CHUNK) == FILES["big.bin"][: 2 * CHUNK]  # The writer is held at the gate.
+    assert not any(cache.contains(chunk) for chunk in chunks)
+    fetched = len(fetcher.requests)
+    assert reader.read(node, 100, CHUNK) == FILES["big.bin"][100 : 100 + CHUNK]
+    assert len(fetcher.requests) == fetched, "a queued chunk is served from the queue, not fetched again"
+    assert all(reader.is_available(chunk) for chunk in chunks)
+
+    threading.Timer(0.2, gate.set).start()
+    reader.drop_memory()  # Drains the queue first: afterwards every chunk read so far is on disk.
+    assert all(cache.contains(chunk) for chunk in chunks)
+
+    reader.close()
+    later = bootstrap.chunks_for_range(node, 5 * CHUNK, 10)[0].chunk
+    reader.read(node, 5 * CHUNK, 10)
+    assert cache.contains(later), "after close a fetch writes the cache itself"
