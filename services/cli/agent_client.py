@@ -40,7 +40,10 @@ def _http(agent: str, method: str, path: str, body: dict[str, Any] | None, timeo
         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
     )
     try:
-        with socket.create_connection((parts.hostname, parts.port or 80), timeout=timeout) as connection:
+        # An ASCII host goes to getaddrinfo as bytes: a str would be IDNA-encoded, which imports
+        # encodings.idna, unicodedata and stringprep (read from disk at a cold container start).
+        address = parts.hostname.encode("ascii") if parts.hostname.isascii() else parts.hostname
+        with socket.create_connection((address, parts.port or 80), timeout=timeout) as connection:  # type: ignore[arg-type]
             connection.sendall(head.encode() + data)
             chunks = []
             while block := connection.recv(65536):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -190,6 +189,8 @@ def run_through_agent(
             with contextlib.suppress(Exception):
                 delete_mount(agent, mount_id, lazy=True)
         if not is_mounted(lower):
+            import shutil  # Here only: at import it reads zlib, bz2 and lzma from disk.
+
             shutil.rmtree(state_dir, ignore_errors=True)
 
 

@@ -76,3 +76,43 @@ def test_help_typos_and_unusual_spellings_go_to_the_full_cli(argv: list[str]) ->
 def test_a_config_path_is_a_path() -> None:
     parsed = parse_fast(["--config", "rel/c.yaml", "x.example/y:z"], {})
     assert parsed is not None and parsed.config == Path("rel/c.yaml")
+
+
+def test_the_fast_path_talks_to_the_agent_without_reading_heavy_modules(tmp_path: Path) -> None:
+    """What a container start imports is read from disk when the page cache is cold: no CLI framework, no
+    models, no archive codecs, no IDNA tables for a localhost address."""
+    import http.server
+    import json
+    import subprocess
+    import sys
+    import threading
+
+    class Agent(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"ok": true}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Agent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        script = (
+            "import json, sys\n"
+            "import services.cli.container\n"
+            "from services.cli.agent_client import _http\n"
+            f"status, body = _http('http://127.0.0.1:{server.server_address[1]}', 'GET', '/mounts', None, 10)\n"
+            "print(json.dumps({'status': status, 'body': body.decode(), 'modules': sorted(sys.modules)}))\n"
+        )
+        repo = Path(__file__).resolve().parents[2]
+        result = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True)
+    finally:
+        server.shutdown()
+    answer = json.loads(result.stdout)
+    assert answer["status"] == 200 and json.loads(answer["body"]) == {"ok": True}
+    heavy = {"typer", "rich", "pydantic", "click", "shutil", "zlib", "lzma", "encodings.idna", "http.client", "ssl"}
+    assert heavy.isdisjoint(answer["modules"]), sorted(heavy.intersection(answer["modules"]))
