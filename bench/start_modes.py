@@ -25,7 +25,9 @@ from tests.support.containerd import containerd, ctr
 
 # A docker-registry access line: "GET /v2/... HTTP/1.1" 200 1234
 _ACCESS = re.compile(r'"(GET|HEAD) (/v2/\S*) HTTP/[0-9.]+" (\d{3}) (\d+|-)')
-CLI = (sys.executable, "-m", "services.cli")
+# `damselfly` as installed (its console script, as a user types it), else the module.
+_SCRIPT = Path(sys.executable).parent / "damselfly"
+CLI = (str(_SCRIPT),) if _SCRIPT.is_file() else (sys.executable, "-m", "services.cli")
 
 
 class BenchError(RuntimeError):
