@@ -116,3 +116,17 @@ def test_the_fast_path_talks_to_the_agent_without_reading_heavy_modules(tmp_path
     assert answer["status"] == 200 and json.loads(answer["body"]) == {"ok": True}
     heavy = {"typer", "rich", "pydantic", "click", "shutil", "zlib", "lzma", "encodings.idna", "http.client", "ssl"}
     assert heavy.isdisjoint(answer["modules"]), sorted(heavy.intersection(answer["modules"]))
+
+
+def test_a_finished_run_leaves_no_state_dir_whether_or_not_something_was_left_in_it(tmp_path: Path) -> None:
+    from services.cli.container import make_state_dir, remove_state_dir
+
+    empty, cluttered = tmp_path / "empty", tmp_path / "cluttered"
+    make_state_dir(empty)
+    make_state_dir(cluttered)
+    (cluttered / "rw" / "upper").mkdir()
+    (cluttered / "rw" / "upper" / "file").write_text("written outside the run's tmpfs")
+    remove_state_dir(empty)
+    remove_state_dir(cluttered)
+    remove_state_dir(tmp_path / "never-made")  # Nothing to remove: no error.
+    assert not empty.exists() and not cluttered.exists()
