@@ -175,11 +175,14 @@ class PeerDownloader:
 
         Returns ``(None, task)`` when the store already holds the whole task.
         """
-        task = await asyncio.to_thread(self.store.get_task, request.task_id)
-        if task is not None and task.completed:
-            await asyncio.to_thread(self.store.touch, request.task_id)
-            return None, task
         download = self._downloads.get(request.task_id)
+        if download is None or download.failure is not None:
+            # No download under way (one that completes the task ends itself): the store may hold it all.
+            task = await asyncio.to_thread(self.store.get_task, request.task_id)
+            if task is not None and task.completed:
+                await asyncio.to_thread(self.store.touch, request.task_id)
+                return None, task
+            download = self._downloads.get(request.task_id)  # Another request may have started one meanwhile.
         if download is None or download.failure is not None:
             download = TaskDownload(request=request, layout=asyncio.get_running_loop().create_future())
             download.wanted = None if prefetch else set()
