@@ -579,7 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     previous_path = settings.compare or settings.out / "start.json"
     if previous_path.is_file():
         try:
-            doc["reproduction"] = compare(json.loads(previous_path.read_text()), doc, str(previous_path))
+            inside = previous_path.resolve().is_relative_to(Path.cwd())
+            shown = os.path.relpath(previous_path) if inside else previous_path
+            doc["reproduction"] = compare(json.loads(previous_path.read_text()), doc, str(shown))
         except (ValueError, KeyError) as exc:
             log(f"cannot compare with {previous_path}: {exc!r}")
     (settings.out / "start.json").write_text(json.dumps(doc, indent=2) + "\n")
