@@ -128,11 +128,8 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
 
     layer = push_python_layer(registry.host, registry.url)
     data = layer.data
-    plan = plan_cluster(tmp_path / "cluster", peers=1, origin=registry.url, prefetch=False)
-    cluster = LocalCluster(plan)
     mark = registry.mark()
-    try:
-        await cluster.start()
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=1, prefetch=False) as plan:
         url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
         # The first reader reads ranges: it proposes the small pieces, and the blob is cut in them.
         piece = RANGED_PIECE_SIZE
@@ -154,8 +151,6 @@ async def test_without_prefetch_a_node_and_the_seed_fetch_only_the_pieces_reader
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             assert response.status == 200 and await response.read() == data
         assert registry.blob_bytes_served(layer.digest, since=mark) == layer.size
-    finally:
-        await cluster.stop()
 
 
 async def test_a_range_over_several_small_pieces_leaves_the_origin_as_one_request(
@@ -165,11 +160,8 @@ async def test_a_range_over_several_small_pieces_leaves_the_origin_as_one_reques
     from tests.support.images import push_python_layer
 
     layer = push_python_layer(registry.host, registry.url)
-    plan = plan_cluster(tmp_path / "cluster", peers=1, origin=registry.url, prefetch=False)
-    cluster = LocalCluster(plan)
     mark = registry.mark()
-    try:
-        await cluster.start()
+    async with local_cluster(tmp_path / "cluster", registry.url, peers=1, prefetch=False) as plan:
         url = f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}"
         first = 7 * RANGED_PIECE_SIZE + 100  # pieces 7, 8 and 9
         last = 9 * RANGED_PIECE_SIZE + 5
@@ -179,8 +171,6 @@ async def test_a_range_over_several_small_pieces_leaves_the_origin_as_one_reques
         gets = registry.requests(f"/blobs/{layer.digest}$", method="GET", since=mark)
         assert [g.status for g in gets] == [206], "the seed should fetch the three pieces with one range"
         assert registry.blob_bytes_served(layer.digest, since=mark) == 3 * RANGED_PIECE_SIZE
-    finally:
-        await cluster.stop()
 
 
 async def test_a_range_reader_after_a_whole_blob_puller_uses_the_registered_layout(

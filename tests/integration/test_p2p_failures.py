@@ -175,31 +175,29 @@ async def test_an_origin_that_cuts_a_range_of_pieces_short_still_gives_the_reade
     tmp_path: Path, registry: RegistryServer
 ) -> None:
     from shared.tasks import RANGED_PIECE_SIZE
+    from tests.support.cluster import local_cluster
     from tests.support.cutting import cutting_origin
 
     layer = push_python_layer(registry.host, registry.url)
     # Any blob range longer than one small piece is cut after a piece and a half: the seed keeps the
     # piece that arrived whole and fetches the rest piece by piece.
-    async with cutting_origin(registry.url, cut_after=RANGED_PIECE_SIZE * 3 // 2) as origin:
-        plan = plan_cluster(tmp_path / "cluster", peers=1, origin=origin.url, prefetch=False)
-        cluster = LocalCluster(plan)
-        mark = registry.mark()
-        try:
-            await cluster.start()
-            first, last = 3 * RANGED_PIECE_SIZE + 7, 6 * RANGED_PIECE_SIZE - 1  # pieces 3, 4 and 5
-            headers = {"Range": f"bytes={first}-{last}"}
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}", headers=headers) as r,
-            ):
-                assert r.status == 206 and await r.read() == layer.data[first : last + 1]
-            assert len(origin.cuts) == 1
-            task_id = task_id_for_digest(layer.digest)
-            assert sorted(node_store(plan, "seed-0").held_pieces(task_id)) == [3, 4, 5]
-            # The run's request (the registry sent the forwarder all three pieces; one and a half got through),
-            # then pieces 4 and 5 again, one request each.
-            gets = registry.requests(f"/blobs/{layer.digest}$", method="GET", since=mark)
-            assert len(gets) == 3
-            assert registry.blob_bytes_served(layer.digest, since=mark) == 5 * RANGED_PIECE_SIZE
-        finally:
-            await cluster.stop()
+    mark = registry.mark()
+    async with (
+        cutting_origin(registry.url, cut_after=RANGED_PIECE_SIZE * 3 // 2) as origin,
+        local_cluster(tmp_path / "cluster", origin.url, peers=1, prefetch=False) as plan,
+    ):
+        first, last = 3 * RANGED_PIECE_SIZE + 7, 6 * RANGED_PIECE_SIZE - 1  # pieces 3, 4 and 5
+        headers = {"Range": f"bytes={first}-{last}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{plan.peers[0].proxy}/v2/library/python/blobs/{layer.digest}", headers=headers) as r,
+        ):
+            assert r.status == 206 and await r.read() == layer.data[first : last + 1]
+        assert len(origin.cuts) == 1
+        task_id = task_id_for_digest(layer.digest)
+        assert sorted(node_store(plan, "seed-0").held_pieces(task_id)) == [3, 4, 5]
+        # The run's request (the registry sent the forwarder all three pieces; one and a half got through),
+        # then pieces 4 and 5 again, one request each.
+        gets = registry.requests(f"/blobs/{layer.digest}$", method="GET", since=mark)
+        assert len(gets) == 3
+        assert registry.blob_bytes_served(layer.digest, since=mark) == 5 * RANGED_PIECE_SIZE

@@ -11,9 +11,13 @@ from services.cli.cluster import ClusterPlan, LocalCluster, plan_cluster
 
 
 @asynccontextmanager
-async def local_cluster(workdir: Path, origin: str, peers: int = 3) -> AsyncIterator[ClusterPlan]:
-    """NATS, scheduler, seed and ``peers`` peer nodes, all real processes; stopped even on failure."""
-    plan = plan_cluster(workdir, peers=peers, origin=origin)
+async def local_cluster(
+    workdir: Path, origin: str, peers: int = 3, *, prefetch: bool = True
+) -> AsyncIterator[ClusterPlan]:
+    """NATS, scheduler, seed and ``peers`` peer nodes, all real processes; stopped even on failure.
+
+    ``prefetch=False``: the nodes fetch only what readers ask for, as lazy nodes do."""
+    plan = plan_cluster(workdir, peers=peers, origin=origin, prefetch=prefetch)
     cluster = LocalCluster(plan)
     try:
         await cluster.start()

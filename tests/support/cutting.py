@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from tests.support.http import serving
+
 # Hop-by-hop or recomputed by the server: not forwarded as they came.
 _DROPPED = {"host", "connection", "transfer-encoding", "keep-alive", "content-length"}
 
@@ -55,12 +57,6 @@ async def cutting_origin(target: str, cut_after: int) -> AsyncIterator[CuttingOr
 
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", forward)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        origin.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        try:
+        async with serving(app) as port:
+            origin.url = f"http://127.0.0.1:{port}"
             yield origin
-        finally:
-            await runner.cleanup()

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from shared.errors import DependencyUnavailable, UpstreamError
 from shared.registry_client import OriginClient
+from tests.support.http import serving
 
 BLOB = bytes(range(256)) * 64  # 16 KiB
 
@@ -41,15 +42,8 @@ async def origin() -> AsyncIterator[str]:
     app.router.add_get("/ok", _serve_range)
     app.router.add_get("/whole", _ignore_range)
     app.router.add_get("/cut", _cut_short)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 async def _parts(url: str, start: int, lengths: list[int], got: list[bytes]) -> None:

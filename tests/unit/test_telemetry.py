@@ -21,6 +21,7 @@ from shared.telemetry import (
     setup_tracing,
     tracer,
 )
+from tests.support.http import serving
 
 
 class _Collector(BaseHTTPRequestHandler):
@@ -106,22 +107,14 @@ async def test_a_traced_client_session_sends_traceparent_of_its_client_span(
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession(trace_configs=[client_trace_config()]) as session:
-            with tracer().start_as_current_span("caller") as caller:
-                async with session.get(f"http://user:pw@127.0.0.1:{port}/pieces/1?X-Amz-Signature=secret") as ok:
-                    assert ok.status == 200
-                async with session.get(f"http://127.0.0.1:{port}/missing") as missing:
-                    assert missing.status == 404
-            with pytest.raises(aiohttp.ClientConnectionError):
-                await session.get("http://127.0.0.1:1/refused")
-    finally:
-        await runner.cleanup()
+    async with serving(app) as port, aiohttp.ClientSession(trace_configs=[client_trace_config()]) as session:
+        with tracer().start_as_current_span("caller") as caller:
+            async with session.get(f"http://user:pw@127.0.0.1:{port}/pieces/1?X-Amz-Signature=secret") as ok:
+                assert ok.status == 200
+            async with session.get(f"http://127.0.0.1:{port}/missing") as missing:
+                assert missing.status == 404
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get("http://127.0.0.1:1/refused")
 
     clients = [span for span in span_exporter.get_finished_spans() if span.kind is SpanKind.CLIENT]
     assert len(clients) == 3
