@@ -172,7 +172,8 @@ class MountDaemon:
         return web.json_response({"status": "ok", "ready": self.ready_seconds is not None})
 
     async def _drop_memory_route(self, _request: web.Request) -> web.Response:
-        dropped = self.reader.drop_memory() if self.reader is not None else 0
+        # In a thread: it first waits for the chunks still being written to the disk cache.
+        dropped = await asyncio.to_thread(self.reader.drop_memory) if self.reader is not None else 0
         return web.json_response({"dropped_chunks": dropped})
 
     async def _stats_route(self, _request: web.Request) -> web.Response:
