@@ -114,7 +114,7 @@ class TaskDownload:
             self.event(number).clear()
 
     def event(self, number: int) -> asyncio.Event:
-        """The event set when piece ``number`` is on disk."""
+        """The event set when piece ``number`` is on disk, or handed over from memory (see ``fresh``)."""
         return self.ready.setdefault(number, asyncio.Event())
 
     def want(self, numbers: range, prefetch_rest: bool) -> None:
