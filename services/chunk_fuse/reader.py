@@ -484,7 +484,10 @@ class ChunkReader:
         if not behind:
             cache.write(chunk, raw)
             return
-        writer.submit(self._write_queued, cache, chunk)
+        try:
+            writer.submit(self._write_queued, cache, chunk)
+        except RuntimeError:  # close() shut the writer down in the meantime: write it here.
+            self._write_queued(cache, chunk)
 
     def _write_queued(self, cache: ChunkCache, chunk: ChunkInfo) -> None:
         with self._lock:

@@ -335,3 +335,18 @@ def test_with_write_behind_a_read_waits_for_the_network_not_the_disk(
     later = bootstrap.chunks_for_range(node, 5 * CHUNK, 10)[0].chunk
     reader.read(node, 5 * CHUNK, 10)
     assert cache.contains(later), "after close a fetch writes the cache itself"
+
+
+def test_a_chunk_queued_as_the_writer_shuts_down_is_still_written(
+    image: tuple[Bootstrap, Path], tmp_path: Path
+) -> None:
+    bootstrap, blobs = image
+    cache = ChunkCache(tmp_path)
+    reader = ChunkReader(bootstrap, CountingFetcher(LocalBlobSource(blobs)), cache, amplify_io=0, write_behind=True)
+    node = ino(bootstrap, "/mid.bin")
+    reader.read(node, 0, 10)  # Starts the writer.
+    assert reader._writer is not None
+    reader._writer.shutdown(wait=True)  # As close() would, between a fetch's queueing and its submit.
+    reader.read(node, CHUNK, 10)
+    assert cache.contains(bootstrap.chunks_for_range(node, CHUNK, 10)[0].chunk)
+    assert not reader._unwritten
