@@ -53,7 +53,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -555,22 +555,38 @@ class PieceStore:
             raise InvalidRequest(exc.message, task_id=row.task_id, piece=number) from exc
 
     def write_piece(
-        self, task_id: str, number: int, data: bytes | memoryview, expected_digest: str | None = None
+        self,
+        task_id: str,
+        number: int,
+        data: bytes | memoryview,
+        expected_digest: str | None = None,
+        *,
+        checked: bool = False,
     ) -> str:
         """Store piece ``number`` and return its digest; a piece already held is left as is (idempotent).
 
         The length must be the piece's length and, when ``expected_digest`` is given (``sha256:`` or
         ``blake3:``), the digest must match (else DigestMismatch and nothing is stored); the returned and
-        recorded digest is always sha256. The bytes are written at the piece's offset
-        first and recorded after, so a recorded piece always has its bytes.
+        recorded digest is always sha256. ``checked``: the caller has just hashed these very bytes and
+        found the sha256 ``expected_digest``, so they are not hashed again. The bytes are written at the
+        piece's offset first and recorded after, so a recorded piece always has its bytes.
         """
-        written = self.write_pieces(task_id, [(number, data, expected_digest)])
+        written = self.write_pieces(task_id, [(number, data, expected_digest)], checked={number} if checked else ())
         if number in written.failed:
             raise written.failed[number]
         return written.stored[number]
 
-    def write_pieces(self, task_id: str, pieces: Sequence[tuple[int, bytes | memoryview, str | None]]) -> WrittenPieces:
+    def write_pieces(
+        self,
+        task_id: str,
+        pieces: Sequence[tuple[int, bytes | memoryview, str | None]],
+        *,
+        checked: Collection[int] = (),
+    ) -> WrittenPieces:
         """Store several pieces of one task, each as :meth:`write_piece` would, in one lock and one transaction.
+
+        ``checked``: numbers of pieces whose sha256 expected digest the caller has just computed from these
+        very bytes (not hashed again).
 
         ``pieces`` are ``(number, data, expected_digest)``. A piece whose digest does not match (or differs
         from the one held) is in ``failed`` and not stored; the others are stored all the same. A wrong
@@ -594,8 +610,10 @@ class PieceStore:
                     task_id=task_id,
                     piece=number,
                 )
-            digest = sha256_digest(data)
-            if expected is not None:
+            # A digest the caller computed from these bytes a moment ago is not computed again (hot path).
+            trusted = expected is not None and number in checked and expected.startswith("sha256:")
+            digest = expected if trusted and expected is not None else sha256_digest(data)
+            if expected is not None and not trusted:
                 actual = digest if expected.startswith("sha256:") else "blake3:" + blake3(data).hexdigest()
                 if actual != expected:
                     written.failed[number] = DigestMismatch(expected, actual, what=f"piece {number} of task {task_id}")

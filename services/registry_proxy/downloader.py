@@ -95,7 +95,7 @@ class TaskDownload:
 
     def hand_over(self, number: int, data: bytes | memoryview, digest: str, source: ServedFrom) -> bool:
         """Let range readers have a fetched piece from memory while it is being stored, if its bytes match
-        ``digest`` (checked here; the store checks them again as it writes them). True if handed over.
+        ``digest`` (checked here, so the store need not hash them again). True if handed over.
 
         Only for range readers, only small pieces (their layout) and only sha256 digests (what holders
         announce): hashing one on the event loop costs well under a millisecond."""
@@ -513,10 +513,14 @@ class PeerDownloader:
             (a.piece_number, view[a.range_start - start : a.range_start - start + a.range_length], a.digest)
             for a in run
         ]
-        for assignment, (_number, piece, _digest) in zip(run, pieces, strict=True):
-            download.hand_over(assignment.piece_number, piece, assignment.digest, self._source_from(download, parent))
+        source = self._source_from(download, parent)
+        checked = {
+            assignment.piece_number
+            for assignment, (_number, piece, _digest) in zip(run, pieces, strict=True)
+            if download.hand_over(assignment.piece_number, piece, assignment.digest, source)
+        }
         try:
-            written = await asyncio.to_thread(self.store.write_pieces, task_id, pieces)
+            written = await asyncio.to_thread(self.store.write_pieces, task_id, pieces, checked=checked)
         finally:
             for assignment in run:
                 download.take_back(assignment.piece_number)
@@ -544,9 +548,11 @@ class PeerDownloader:
         """Check and store a fetched piece, wake its readers and announce it; False (reported) if corrupt."""
         task_id = download.request.task_id
         number = assignment.piece_number
-        download.hand_over(number, data, assignment.digest, self._source_from(download, parent))
+        checked = download.hand_over(number, data, assignment.digest, self._source_from(download, parent))
         try:
-            digest = await asyncio.to_thread(self.store.write_piece, task_id, number, data, assignment.digest)
+            digest = await asyncio.to_thread(
+                self.store.write_piece, task_id, number, data, assignment.digest, checked=checked
+            )
         except DigestMismatch as exc:
             await self._report_failure(download, number, parent, PieceFailureReason.DIGEST_MISMATCH, exc.message)
             return False

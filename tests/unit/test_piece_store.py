@@ -517,6 +517,37 @@ def test_write_pieces_stores_the_good_ones_of_a_run_and_names_each_refused_one(s
     assert store.read_piece(tid, 3) == parts[3]
 
 
+def test_pieces_the_caller_has_just_hashed_are_not_hashed_again(
+    store: PieceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shared.piece_store
+
+    data = blob(3 * PIECE)
+    tid = open_blob(store, "checked", data)
+    parts = pieces_of(data)
+    digests = [sha256_digest(part) for part in parts]
+    hashed: list[int] = []
+
+    def counting(data: bytes | memoryview) -> str:
+        hashed.append(len(data))
+        return sha256_digest(data)
+
+    monkeypatch.setattr(shared.piece_store, "sha256_digest", counting)
+    written = store.write_pieces(
+        tid,
+        [
+            (0, parts[0], digests[0]),  # Hashed by the caller: taken as it is.
+            (1, parts[1], digests[1]),  # Not in ``checked``: hashed here.
+            (2, parts[2], "blake3:" + blake3(b"other").hexdigest()),  # Only sha256 is trusted: checked, refused.
+        ],
+        checked={0, 2},
+    )
+    assert written.stored == {0: digests[0], 1: digests[1]} and list(written.failed) == [2]
+    assert hashed == [PIECE, PIECE]  # Pieces 1 and 2, not 0.
+    assert store.read_piece(tid, 0) == parts[0]
+    assert store.write_piece(tid, 2, parts[2], digests[2], checked=True) == digests[2]
+
+
 def test_write_pieces_refuses_a_wrong_length_and_stores_nothing(store: PieceStore) -> None:
     data = blob(3 * PIECE)
     tid = open_blob(store, "short", data)
