@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from shared.nats_server import NatsServer
 from tests.integration.test_chunk_fuse import LazyImage, lazy_python
 from tests.support.cluster import local_cluster
 from tests.support.services import running, service_config
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -60,15 +60,14 @@ async def agent(config: ChunkFuseConfig) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def wait_for(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
+async def mount_image(
+    client: httpx.AsyncClient, reference: str, at: Path, config_body: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``POST /api/v1/mounts`` of ``reference`` at ``at`` (plain-HTTP registry by default); the mount."""
+    body = {"backend": {"insecure": True}} if config_body is None else config_body
+    response = await client.post("/api/v1/mounts", json={"image": reference, "mountpoint": str(at), "config": body})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
 
 
 def read_heads(root: Path) -> None:
@@ -114,7 +113,7 @@ async def test_mounts_over_http_metrics_and_a_learned_list_that_the_next_node_pr
             async def published() -> learned.LearnedList | None:
                 return await learned.load(kv, mount["digest"])
 
-            recorded = await wait_for(published, 20, "the learned list to be published")
+            recorded = await eventually(published, 20, "the learned list to be published")
             assert recorded.recorded_by == "node-a" and recorded.chunks
 
             listed = (await client.get("/api/v1/mounts")).json()["mounts"]
@@ -153,7 +152,7 @@ async def test_mounts_over_http_metrics_and_a_learned_list_that_the_next_node_pr
                 stats = (await client.get(f"/api/v1/mounts/{mount['id']}")).json()["stats"]
                 return stats if stats["prefetch"]["state"] == "done" else None
 
-            stats = await wait_for(prefetched, 60, "the learned prefetch to finish")
+            stats = await eventually(prefetched, 60, "the learned prefetch to finish")
             assert stats["prefetch"]["planned_chunks"] == len(set(recorded.chunks))
             assert stats["reads"]["prefetch_chunks_fetched"] == len(set(recorded.chunks))
             cached = [p for p in (tmp_path / "node-b" / "cache" / "chunks").rglob("*") if p.is_file()]
@@ -174,16 +173,7 @@ async def test_a_restarted_agent_adopts_its_mounts(
     config = agent_config(tmp_path, nats_server.url, "node-c")
     with cleanup_mounts(mnt):
         async with agent(config) as client:
-            response = await client.post(
-                "/api/v1/mounts",
-                json={
-                    "image": lazy_python.reference,
-                    "mountpoint": str(mnt),
-                    "config": {"backend": {"insecure": True}},
-                },
-            )
-            assert response.status_code == 201, response.text
-            mount_id = response.json()["id"]
+            mount_id = (await mount_image(client, lazy_python.reference, mnt))["id"]
             bad = await client.post("/api/v1/mounts", json={"image": lazy_python.reference, "mountpoint": str(mnt)})
             assert bad.status_code == 400
         # The agent is gone; its mount is not (mounts outlive the agent, like nydusd's).
@@ -238,7 +228,7 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
                 state: dict[str, Any] = (await client.get("/api/v1/mounts")).json()["standby"]
                 return state if state["ready"] else None
 
-            first = await wait_for(standby_ready, 60, "the agent's standby daemon to finish its imports")
+            first = await eventually(standby_ready, 60, "the agent's standby daemon to finish its imports")
             assert first["enabled"] and first["pid"]
 
             # `damselfly mount --agent`: the mount is served by the standby that was waiting.
@@ -254,7 +244,7 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
                 assert description["pid"] == first["pid"]
                 assert description["image_config"]["Env"], description
                 assert (mountpoint / "usr" / "bin" / "python3.11").is_file()
-                second = await wait_for(standby_ready, 60, "the next standby")
+                second = await eventually(standby_ready, 60, "the next standby")
                 assert second["pid"] != first["pid"]
                 await asyncio.to_thread(read_heads, mountpoint)
                 deleted = await client.delete(f"/api/v1/mounts/{description['id']}")
@@ -270,13 +260,13 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
                 async def published() -> learned.LearnedList | None:
                     return await learned.load(kv, description["digest"])
 
-                recorded = await wait_for(published, 20, "the learned list published at the unmount")
+                recorded = await eventually(published, 20, "the learned list published at the unmount")
                 assert recorded.recorded_by == "peer-0" and recorded.chunks
             finally:
                 await bus.close()
 
             # `damselfly run --agent`: the command's output, the mount gone afterwards, a standby again.
-            await wait_for(standby_ready, 60, "a standby before the run")
+            await eventually(standby_ready, 60, "a standby before the run")
             config = tmp_path / "run.json"
             config.write_text(json.dumps({"cache": {"work_dir": str(tmp_path / "run-cache")}}))
             ran = await asyncio.to_thread(
@@ -287,7 +277,7 @@ async def test_run_through_the_node_agent_takes_its_warm_standby_daemon(lazy_pyt
             assert (await client.get("/api/v1/mounts")).json()["mounts"] == []
             assert not list((tmp_path / "cli-run" / "run").iterdir())
             assert (tmp_path / "run-cache").is_dir()  # The config's chunk cache, not the node's.
-            await wait_for(standby_ready, 60, "a standby after the run")
+            await eventually(standby_ready, 60, "a standby after the run")
 
             # The agent validates the config it is sent: a typo is the caller's error, named.
             config.write_text(json.dumps({"cache": {"wrok_dir": "/tmp/x"}}))
@@ -315,17 +305,8 @@ async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_
     config = agent_config(tmp_path, nats_server.url, "node-k", keep_mounts_seconds=2.0)
     with cleanup_mounts(first, second, other):
         async with agent(config) as client:
-
-            async def mount(at: Path, config_body: dict[str, Any]) -> dict[str, Any]:
-                response = await client.post(
-                    "/api/v1/mounts",
-                    json={"image": lazy_python.reference, "mountpoint": str(at), "config": config_body},
-                )
-                assert response.status_code == 201, response.text
-                return dict(response.json())
-
-            one = await mount(first, body)
-            two = await mount(second, body)
+            one = await mount_image(client, lazy_python.reference, first, body)
+            two = await mount_image(client, lazy_python.reference, second, body)
             # Both show the one kept mount: one daemon, nothing started for the second.
             assert one["pid"] == two["pid"] and one["id"] != two["id"] and one["shared"] and two["shared"]
             assert (first / "etc" / "os-release").read_bytes() == (second / "etc" / "os-release").read_bytes()
@@ -336,7 +317,8 @@ async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_
             assert dropped >= 1
             assert (await client.post("/api/v1/caches/drop")).json()["dropped_chunks"] == 0
             # Another config is another mount.
-            three = await mount(other, {**body, "cache": {"work_dir": str(tmp_path / "other-cache")}})
+            other_cache = {**body, "cache": {"work_dir": str(tmp_path / "other-cache")}}
+            three = await mount_image(client, lazy_python.reference, other, other_cache)
             assert three["pid"] != one["pid"]
 
             for mount_id in (one["id"], two["id"], three["id"]):
@@ -345,7 +327,7 @@ async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_
             assert (await client.get("/api/v1/mounts")).json()["mounts"] == []
             # Unused but kept: the next mount of the image within the period is the same daemon again.
             assert pid_alive(one["pid"])
-            again = await mount(first, body)
+            again = await mount_image(client, lazy_python.reference, first, body)
             assert again["pid"] == one["pid"]
             assert (first / "etc" / "os-release").read_bytes().startswith(b"PRETTY_NAME")
             # A bind taken off from outside is noticed, and the kept mount loses that user.
@@ -356,14 +338,14 @@ async def test_an_image_stays_mounted_for_the_next_mount_of_it_until_unused_for_
                 # (A kept mount with no user may already have ended: the keep period here is 2 s.)
                 return not listing["mounts"] and all(k["in_use"] == 0 for k in listing["kept"])
 
-            await wait_for(noticed, 10, "the agent to notice the bind taken off")
+            await eventually(noticed, 10, "the agent to notice the bind taken off")
             assert (await client.delete(f"/api/v1/mounts/{again['id']}")).status_code == 404
 
             async def gone() -> bool:
                 kept = (await client.get("/api/v1/mounts")).json()["kept"]
                 return not kept and not pid_alive(one["pid"]) and not pid_alive(three["pid"])
 
-            await wait_for(gone, 20, "the kept mounts to end after the keep period")
+            await eventually(gone, 20, "the kept mounts to end after the keep period")
 
 
 async def test_with_no_keep_period_an_unmount_ends_the_daemon(
@@ -374,20 +356,11 @@ async def test_with_no_keep_period_an_unmount_ends_the_daemon(
     config = agent_config(tmp_path, nats_server.url, "node-n", keep_mounts_seconds=0)
     with cleanup_mounts(mnt):
         async with agent(config) as client:
-            response = await client.post(
-                "/api/v1/mounts",
-                json={
-                    "image": lazy_python.reference,
-                    "mountpoint": str(mnt),
-                    "config": {"backend": {"insecure": True}},
-                },
-            )
-            assert response.status_code == 201, response.text
-            mount = response.json()
+            mount = await mount_image(client, lazy_python.reference, mnt)
             assert not mount["shared"] and (await client.get("/api/v1/mounts")).json()["kept"] == []
             assert (await client.delete(f"/api/v1/mounts/{mount['id']}")).status_code == 200
 
             async def ended() -> bool:
                 return not pid_alive(mount["pid"])
 
-            await wait_for(ended, 20, "the daemon to end")
+            await eventually(ended, 20, "the daemon to end")
